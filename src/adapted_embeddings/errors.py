@@ -1,0 +1,50 @@
+"""Typed exceptions. Every error the library raises on purpose derives from one base."""
+
+from __future__ import annotations
+
+
+class AdaptedEmbeddingsError(Exception):
+    """Base class for every error raised on purpose by this library."""
+
+
+class ConfigurationError(AdaptedEmbeddingsError, ValueError):
+    """The combination of settings cannot work (e.g. hybrid mode without credentials)."""
+
+
+class SpaceMismatchError(AdaptedEmbeddingsError, ValueError):
+    """A vector, adapter or index of one embedding space was used with another."""
+
+
+class AdapterNotFoundError(AdaptedEmbeddingsError, LookupError):
+    """No adapter in the registry matches the request; the message lists what exists."""
+
+
+class AdapterLoadError(AdaptedEmbeddingsError, ValueError):
+    """An adapter directory is missing, corrupt, tampered with or inconsistent."""
+
+
+class InvalidVectorError(AdaptedEmbeddingsError, ValueError):
+    """A vector holds NaN/Inf or has the wrong shape."""
+
+
+class TrainingDataError(AdaptedEmbeddingsError, ValueError):
+    """Training or calibration data cannot be used as given."""
+
+
+class ProviderError(AdaptedEmbeddingsError, RuntimeError):
+    """The embedding provider failed after all retries.
+
+    Attributes:
+        failed_indices: Positions, in the caller's input list, of the texts that got no vector.
+        completed: How many of the texts sent to the provider in this call did succeed
+            (those were cached and are not lost).
+    """
+
+    def __init__(self, message: str, failed_indices: list[int], completed: int = 0) -> None:
+        super().__init__(message)
+        self.failed_indices = failed_indices
+        self.completed = completed
+
+
+class ProviderResponseError(ProviderError):
+    """The provider answered, but with something that is not a valid set of embeddings."""
