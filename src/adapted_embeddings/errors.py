@@ -38,6 +38,7 @@ class ProviderError(AdaptedEmbeddingsError, RuntimeError):
         failed_indices: Positions, in the caller's input list, of the texts that got no vector.
         completed: How many of the texts sent to the provider in this call did succeed
             (those were cached and are not lost).
+
     """
 
     def __init__(self, message: str, failed_indices: list[int], completed: int = 0) -> None:

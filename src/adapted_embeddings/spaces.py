@@ -24,6 +24,7 @@ class EmbeddingSpace(BaseModel):
         >>> space = EmbeddingSpace(provider="openai", model="text-embedding-ada-002", dimensions=1536)
         >>> space.id
         'openai/text-embedding-ada-002@1536'
+
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -43,6 +44,7 @@ class EmbeddingSpace(BaseModel):
 
         Raises:
             ValueError: If a string is not of the form ``provider/model@dimensions``.
+
         """
         if isinstance(value, EmbeddingSpace):
             return value
@@ -72,6 +74,7 @@ class EmbeddingSpace(BaseModel):
         Raises:
             SpaceMismatchError: If the last axis is not ``dimensions`` long.
             InvalidVectorError: If the array is not 1-D/2-D or holds NaN or Inf.
+
         """
         array = np.asarray(vectors, dtype=np.float32)
         if array.ndim == 1:
@@ -80,8 +83,7 @@ class EmbeddingSpace(BaseModel):
             raise InvalidVectorError(f"{what} must be 1-D or 2-D, got shape {array.shape}")
         if array.shape[1] != self.dimensions:
             raise SpaceMismatchError(
-                f"{what} have {array.shape[1]} dimensions but space {self.id} has "
-                f"{self.dimensions}"
+                f"{what} have {array.shape[1]} dimensions but space {self.id} has {self.dimensions}"
             )
         bad = ~np.isfinite(array).all(axis=1)
         if bad.any():
@@ -108,6 +110,7 @@ def ensure_same_space(
 
     Raises:
         SpaceMismatchError: Naming both spaces and what differs.
+
     """
     expected_space = EmbeddingSpace.parse(expected)
     actual_space = EmbeddingSpace.parse(actual)

