@@ -21,7 +21,9 @@ class EmbeddingSpace(BaseModel):
     """The space a vector lives in: who computed it, with which model, at which width.
 
     Example:
-        >>> space = EmbeddingSpace(provider="openai", model="text-embedding-ada-002", dimensions=1536)
+        >>> space = EmbeddingSpace(
+        ...     provider="openai", model="text-embedding-ada-002", dimensions=1536
+        ... )
         >>> space.id
         'openai/text-embedding-ada-002@1536'
 

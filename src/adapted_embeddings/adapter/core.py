@@ -40,9 +40,12 @@ class Adapter:
         """Wrap already-validated weights; prefer :meth:`load` or :meth:`from_registry`."""
         shapes = expected_shapes(manifest.architecture)
         if set(shapes) != set(weights):
+            missing, unexpected = (
+                sorted(set(shapes) - set(weights)),
+                sorted(set(weights) - set(shapes)),
+            )
             raise AdapterLoadError(
-                f"weights do not match the architecture: missing {sorted(set(shapes) - set(weights))}"
-                f", unexpected {sorted(set(weights) - set(shapes))}"
+                f"weights do not match the architecture: missing {missing}, unexpected {unexpected}"
             )
         self.manifest = manifest
         self._weights = {name: np.asarray(w, dtype=np.float32) for name, w in weights.items()}
