@@ -1,0 +1,118 @@
+"""The ``adapted-embeddings`` Typer app, its exit codes and its one-line error reporting.
+
+Exit codes: 0 success, 1 runtime failure (provider down, corrupt adapter, bug), 2 usage
+error (bad option, missing file, wrong column, empty input, unknown adapter, settings that
+cannot work). Library errors print one ``Error: ...`` line to stderr, never a traceback,
+unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+
+from adapted_embeddings.errors import (
+    AdaptedEmbeddingsError,
+    AdapterNotFoundError,
+    ConfigurationError,
+    TrainingDataError,
+)
+from adapted_embeddings.io import InputFileError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+USAGE_ERRORS: tuple[type[Exception], ...] = (
+    AdapterNotFoundError,
+    ConfigurationError,
+    InputFileError,
+    TrainingDataError,
+)
+"""Errors caused by what the user asked for: reported with exit code 2."""
+
+app = typer.Typer(
+    name="adapted-embeddings",
+    help="Embed text locally in a provider's embedding space, with confidence and fallback.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    # Plain click output: stable to paste into docs and to parse in tests.
+    rich_markup_mode=None,
+)
+cache_app = typer.Typer(
+    help="Inspect or empty the embedding cache.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(cache_app, name="cache")
+
+_state = {"debug": False}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        envvar="ADAPTED_EMBEDDINGS_DEBUG",
+        help="Show full tracebacks instead of one-line errors.",
+    ),
+) -> None:
+    """Embed text locally in a provider's embedding space, with confidence and fallback.
+
+    Settings come from ADAPTED_EMBEDDINGS_* environment variables and .env, exactly as for
+    the library; command-line options override them.
+    """
+    _state["debug"] = debug
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print ``Error: message`` to stderr and return the Exit to raise."""
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn exceptions escaping ``command`` into one stderr line and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if _state["debug"] or _is_click_exception(exc):
+                raise
+            raise fail(_describe(exc), _exit_code(exc)) from None
+
+    return wrapper
+
+
+def _exit_code(exc: BaseException) -> int:
+    return EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILURE
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, AdaptedEmbeddingsError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+
+
+def _is_click_exception(exc: BaseException) -> bool:
+    # Usage errors raised by the parser (BadParameter, ...) carry their own exit code and
+    # formatting; typer may vendor click, so match by the attribute they all share.
+    return hasattr(exc, "exit_code") and hasattr(exc, "show")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point (``adapted-embeddings``)."""
+    return app(args=argv, prog_name="adapted-embeddings")

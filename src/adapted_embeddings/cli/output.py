@@ -1,0 +1,55 @@
+"""Printing helpers shared by the commands: JSON, NDJSON lines and aligned tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import typer
+
+PREVIEW_VALUES = 4
+"""How many leading vector values the embed table shows."""
+
+
+def print_json(value: Any) -> None:
+    """Pretty-print ``value`` as JSON on stdout."""
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def ndjson_line(record: dict[str, Any]) -> str:
+    """One NDJSON line for ``record``, valid whatever the text holds.
+
+    Non-ASCII text is written as is (UTF-8), which keeps output readable; newlines, tabs,
+    quotes and control characters are escaped by the JSON encoder, so a record is always
+    exactly one line.
+    """
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def vector_values(vector: np.ndarray) -> list[float]:
+    """Vector as JSON numbers; 9 significant digits round-trip float32 exactly."""
+    return [float(f"{x:.9g}") for x in np.asarray(vector, dtype=np.float32).tolist()]
+
+
+def vector_preview(vector: np.ndarray, count: int = PREVIEW_VALUES) -> str:
+    """The first ``count`` values of a vector, e.g. ``[-0.0123 +0.0045 ... ]``."""
+    values = " ".join(f"{x:+.4f}" for x in np.asarray(vector)[:count].tolist())
+    return f"[{values} …]"
+
+
+def one_line(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = []
+    for row in (headers, *rows):
+        cells = [str(cell).ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
+        lines.append("  ".join([*cells, str(row[-1])]).rstrip())
+    return "\n".join(lines)
