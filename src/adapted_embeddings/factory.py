@@ -18,7 +18,7 @@ from adapted_embeddings.cache import EmbeddingCache
 from adapted_embeddings.encoders import SourceEncoder, build_encoder
 from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.pipeline import EmbeddingPipeline
-from adapted_embeddings.provider import OpenAIEmbeddingProvider
+from adapted_embeddings.provider import OpenAIEmbeddingProvider, require_credentials
 from adapted_embeddings.registry import find_adapter
 from adapted_embeddings.settings import AdaptedEmbeddingsSettings, Mode, OnProviderError
 
@@ -138,6 +138,8 @@ def build_pipeline(
         ConfigurationError: If hybrid/provider mode has no credentials or base URL.
 
     """
+    if settings.gate.mode != "local":
+        require_credentials(settings.provider)  # fail before loading any model
     if adapter is None and settings.adapter_path is not None:
         adapter = _load_adapter(str(settings.adapter_path))
     if adapter is None and source is None:

@@ -13,9 +13,10 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from langchain_core.embeddings import Embeddings
-from pydantic import ConfigDict, PrivateAttr, model_validator
+from pydantic import ConfigDict, PrivateAttr
 
 from adapted_embeddings.factory import PipelineOptions
 from adapted_embeddings.pipeline import EmbeddingPipeline, EmbeddingResult, PipelineStats, Role
@@ -53,10 +54,15 @@ class AdaptedEmbeddings(PipelineOptions, Embeddings):
 
     _pipeline: EmbeddingPipeline = PrivateAttr()
 
-    @model_validator(mode="after")
-    def _build_pipeline(self) -> AdaptedEmbeddings:
+    def __init__(self, **data: Any) -> None:
+        """Validate keywords, then build the pipeline.
+
+        The pipeline is built after validation, not in a validator, so its typed errors
+        (``ConfigurationError``, ``AdapterNotFoundError``, ...) reach the caller as they are
+        instead of being wrapped in a pydantic ``ValidationError``.
+        """
+        super().__init__(**data)
         self._pipeline = self.build_pipeline()
-        return self
 
     @property
     def pipeline(self) -> EmbeddingPipeline:

@@ -221,10 +221,14 @@ class EmbeddingPipeline:
                 continue
             # A cached local vector is only as good as today's threshold says: if the
             # threshold was raised since, it goes through the gate again.
-            usable = entry.route == "provider" or (
-                self.gate.mode != "provider"
-                and entry.confidence is not None
-                and entry.confidence >= threshold
+            usable = (
+                entry.route == "provider"
+                or _blank(plan.unique_texts[u])  # blank texts are always local, see _plan
+                or (
+                    self.gate.mode != "provider"
+                    and entry.confidence is not None
+                    and entry.confidence >= threshold
+                )
             )
             if usable:
                 plan.results[u] = self._result(entry.vector, entry.confidence, "cache")

@@ -54,6 +54,20 @@ class _Request:
     tokens: int
 
 
+def require_credentials(settings: ProviderSettings) -> None:
+    """Raise unless the provider can be reached: it needs a key or a base URL.
+
+    Raises:
+        ConfigurationError: Naming ``mode='local'`` as the way to run offline.
+
+    """
+    if settings.api_key is None and settings.base_url is None:
+        raise ConfigurationError(
+            "the provider needs an API key (api_key=..., or OPENAI_API_KEY) or a base_url "
+            "of an OpenAI-compatible server; to run offline use mode='local'"
+        )
+
+
 class OpenAIEmbeddingProvider:
     """Embeds texts in ``space`` through an OpenAI-compatible ``/embeddings`` endpoint."""
 
@@ -70,11 +84,7 @@ class OpenAIEmbeddingProvider:
             ConfigurationError: If neither an API key nor a base URL is configured.
 
         """
-        if settings.api_key is None and settings.base_url is None:
-            raise ConfigurationError(
-                "the provider needs an API key (api_key=..., or OPENAI_API_KEY) or a base_url "
-                "of an OpenAI-compatible server; to run offline use mode='local'"
-            )
+        require_credentials(settings)
         if settings.dimensions is not None and settings.dimensions != space.dimensions:
             raise ConfigurationError(
                 f"dimensions={settings.dimensions} but the target space {space.id} has "
