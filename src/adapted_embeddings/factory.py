@@ -111,10 +111,19 @@ class PipelineOptions(BaseModel):
         )
 
     def build_pipeline(self) -> EmbeddingPipeline:
-        """Resolve the settings and build the pipeline they describe."""
+        """Resolve the settings and build the pipeline they describe.
+
+        The provider credentials and mode actually in force (possibly read from the
+        environment) are written back to the fields, as ``OpenAIEmbeddings`` does, so the
+        object shows the configuration it runs with.
+        """
+        settings = self.resolved_settings()
+        self.mode = settings.gate.mode
+        self.api_key = settings.provider.api_key
+        self.base_url = settings.provider.base_url
         source_object = None if isinstance(self.source, str | Path) else self.source
         return build_pipeline(
-            self.resolved_settings(),
+            settings,
             source=source_object,
             adapter=self.adapter if isinstance(self.adapter, Adapter) else None,
         )
