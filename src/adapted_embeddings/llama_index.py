@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import ConfigDict, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from adapted_embeddings.factory import PipelineOptions
 from adapted_embeddings.pipeline import EmbeddingPipeline, EmbeddingResult, PipelineStats, Role
@@ -33,6 +33,14 @@ class AdaptedEmbeddings(BaseEmbedding, PipelineOptions):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    embed_batch_size: int = Field(
+        default=512,
+        gt=0,
+        le=2048,
+        description="Texts per call into the pipeline. Larger than LlamaIndex's default of "
+        "10 because the pipeline batches local encoding and provider requests itself.",
+    )
 
     _pipeline: EmbeddingPipeline = PrivateAttr()
 
