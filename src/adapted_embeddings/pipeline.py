@@ -266,12 +266,15 @@ class EmbeddingPipeline:
             )
         if self.cache is not None:
             self.cache.put_many(to_cache)
+        # Counted per input, like every other counter: a duplicate that failed failed twice.
+        failed_set = set(failed)
+        failed_inputs = sum(u in failed_set for u in plan.positions)
         if failed and self.gate.on_provider_error == "raise":
-            self._count(plan, outcome, degraded=0, failed=len(failed))
+            self._count(plan, outcome, degraded=0, failed=failed_inputs)
             raise self._provider_error(plan, outcome, failed)
         if failed:
             self._degrade(plan, outcome, failed)
-        self._count(plan, outcome, degraded=len(failed), failed=0)
+        self._count(plan, outcome, degraded=failed_inputs, failed=0)
         return [plan.results[u] for u in plan.positions]  # type: ignore[misc]
 
     def _degrade(self, plan: _Plan, outcome: ProviderOutcome | None, failed: list[int]) -> None:
