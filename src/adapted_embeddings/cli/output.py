@@ -21,11 +21,17 @@ def print_json(value: Any) -> None:
 def ndjson_line(record: dict[str, Any]) -> str:
     """One NDJSON line for ``record``, valid whatever the text holds.
 
-    Non-ASCII text is written as is (UTF-8), which keeps output readable; newlines, tabs,
-    quotes and control characters are escaped by the JSON encoder, so a record is always
-    exactly one line.
+    Non-ASCII text is written as is (UTF-8), which keeps output readable. The JSON encoder
+    escapes quotes and control characters; U+0085, U+2028 and U+2029 are legal unescaped in
+    JSON but many line readers (Python's ``splitlines``, older JavaScript) break lines on
+    them, so they are escaped too and a record is exactly one line for every reader.
     """
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return line.translate(_LINE_BREAKS)
+
+
+# Outside strings JSON never contains these characters, so replacing them is always safe.
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
 def vector_values(vector: np.ndarray) -> list[float]:
