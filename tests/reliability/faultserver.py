@@ -163,7 +163,9 @@ class FaultServer:
             fault = next((f for m, f in self.poison.items() if any(m in t for t in texts)), None)
             if fault is None:
                 fault = self._queue.popleft() if self._queue else Fault.OK
-            self.requests.append(RecordedRequest(time.monotonic(), tuple(texts), fault, authorization))
+            self.requests.append(
+                RecordedRequest(time.monotonic(), tuple(texts), fault, authorization)
+            )
             return fault
 
 
