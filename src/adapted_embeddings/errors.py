@@ -27,6 +27,10 @@ class InvalidVectorError(AdaptedEmbeddingsError, ValueError):
     """A vector holds NaN/Inf or has the wrong shape."""
 
 
+class InvalidInputError(AdaptedEmbeddingsError, ValueError):
+    """An input text cannot be embedded by anything (e.g. it holds a lone surrogate)."""
+
+
 class TrainingDataError(AdaptedEmbeddingsError, ValueError):
     """Training or calibration data cannot be used as given."""
 

@@ -22,7 +22,7 @@ import numpy as np
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cache import CachedEmbedding, EmbeddingCache, cache_key
 from adapted_embeddings.encoders import SourceEncoder
-from adapted_embeddings.errors import ConfigurationError, ProviderError
+from adapted_embeddings.errors import ConfigurationError, InvalidInputError, ProviderError
 from adapted_embeddings.provider import OpenAIEmbeddingProvider, ProviderOutcome
 from adapted_embeddings.settings import GateSettings
 from adapted_embeddings.spaces import EmbeddingSpace, ensure_same_space
@@ -145,6 +145,7 @@ class EmbeddingPipeline:
 
         Raises:
             TypeError: If an item is not a ``str`` (naming its index).
+            InvalidInputError: If a text is not valid Unicode (naming its index).
             ProviderError: If the provider fails and ``on_provider_error='raise'``; vectors
                 that did succeed are cached first, so a retry does not pay for them again.
 
@@ -342,6 +343,7 @@ def _deduplicate(texts: Sequence[str]) -> tuple[list[str], list[int]]:
 
     Raises:
         TypeError: If ``texts`` is a bare string or holds a non-``str`` (naming its index).
+        InvalidInputError: If a text is not valid Unicode (naming its index).
 
     """
     if isinstance(texts, str | bytes):
@@ -351,8 +353,23 @@ def _deduplicate(texts: Sequence[str]) -> tuple[list[str], list[int]]:
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str: {text!r:.80}")
+        if not text.isascii():
+            _check_encodable(text, index)
         positions.append(first_seen.setdefault(text, len(first_seen)))
     return list(first_seen), positions
+
+
+def _check_encodable(text: str, index: int) -> None:
+    # A lone surrogate (e.g. from a bad decode with errors="surrogateescape") has no UTF-8
+    # form: the tokenizer raises a bare TypeError and the provider request cannot even be
+    # serialised, failing every other text in its batch. Reject it here, by position.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"texts[{index}] is not valid Unicode: {exc.reason} at character {exc.start} "
+            f"({text[exc.start : exc.start + 1]!r}); decode your input with errors='replace'"
+        ) from None
 
 
 def _blank(text: str) -> bool:
