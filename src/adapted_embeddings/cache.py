@@ -91,6 +91,21 @@ def ensure_private_directory(directory: Path) -> Path:
     return directory
 
 
+class _DataOnlyDisk(diskcache.Disk):
+    """diskcache's storage layer, minus unpickling of values.
+
+    This library only ever stores ``bytes``. A pickled value can only have been planted by
+    someone else who can write the directory, and diskcache would unpickle it on lookup,
+    which runs their code. Such an entry is read as a miss (and then overwritten).
+    """
+
+    def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> object:
+        if mode == diskcache.core.MODE_PICKLE:
+            logger.warning("ignoring a pickled cache entry: this library never writes one")
+            return None
+        return super().fetch(mode, filename, value, read)
+
+
 class EmbeddingCache:
     """Process- and thread-safe embedding cache on top of :mod:`diskcache`.
 
@@ -109,6 +124,7 @@ class EmbeddingCache:
         # into a SQLite write, which is what a cache hit must not cost.
         self._cache = diskcache.Cache(
             str(self.directory),
+            disk=_DataOnlyDisk,
             size_limit=self.size_limit_bytes,
             eviction_policy="least-recently-stored",
             # Readers wait for a writer instead of failing while another process commits.
