@@ -58,6 +58,8 @@ def server(_fault_server_session: FaultServer) -> FaultServer:
     _fault_server_session.reset()
     _fault_server_session.retry_after = "0.2"
     _fault_server_session.slow_seconds = 1.5
+    _fault_server_session.redirect_to = "http://127.0.0.2:9/v1/embeddings"
+    _fault_server_session.redirect_status = 307
     return _fault_server_session
 
 

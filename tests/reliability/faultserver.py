@@ -50,7 +50,7 @@ class Fault(enum.Enum):
     WRONG_DIMENSIONS = "vectors of the wrong width"
     NAN = "NaN in a vector"
     UNAUTHORIZED = "401 invalid key"
-    REDIRECT = "307 redirect to another host"
+    REDIRECT = "3xx redirect to another host"
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,10 @@ class FaultServer:
         self.retry_after = "1"  # value of the Retry-After header on 429 and 503
         self.slow_seconds = 2.0
         self.redirect_to = "http://127.0.0.2:9/v1/embeddings"
+        self.redirect_status = 307
         self.poison: dict[str, Fault] = {}
         self.requests: list[RecordedRequest] = []
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request, GETs too
         self._queue: deque[Fault] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -144,6 +146,7 @@ class FaultServer:
             self._queue.clear()
             self.poison.clear()
             self.requests.clear()
+            self.seen.clear()
 
     def recorded(self) -> list[RecordedRequest]:
         with self._lock:
@@ -203,12 +206,14 @@ class _FaultHandler(BaseHTTPRequestHandler):
             super().finish()
 
     def do_GET(self) -> None:
+        self.owner.seen.append(("GET", self.path))
         if self.path in ("/", "/health"):
             self._json(200, {"status": "ok"})
         else:
             self._json(404, {"error": {"message": "unknown route"}})
 
     def do_POST(self) -> None:
+        self.owner.seen.append(("POST", self.path))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         try:
@@ -235,7 +240,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
             # Like OpenAI, but without echoing any part of the key back.
             self._json(401, _error("invalid api key", "invalid_request_error"))
         elif fault is Fault.REDIRECT:
-            self.send_response(307)
+            self.send_response(owner.redirect_status)
             self.send_header("Location", owner.redirect_to)
             self.send_header("Content-Length", "0")
             self.end_headers()
