@@ -36,6 +36,8 @@ _MAGIC = b"AE1"
 _HEADER = struct.Struct("<3sBfI")
 _ROUTE_CODES: dict[str, int] = {"local": 1, "provider": 2}
 _CODE_ROUTES = {code: route for route, code in _ROUTE_CODES.items()}
+# Leases live beside the entries (a different key space: entry keys are bare hex digests).
+_LEASE_PREFIX = "lease:"
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,63 @@ class EmbeddingCache:
                     self._cache.set(key, value)
         except (sqlite3.Error, OSError) as exc:
             logger.warning("cache write failed; results are returned but not cached: %s", exc)
+
+    def peek_provider_vectors(self, keys: list[str], *, dimensions: int) -> list[np.ndarray | None]:
+        """Provider vectors stored under keys (None elsewhere), without counting hits."""
+        found: list[np.ndarray | None] = []
+        for key in keys:
+            try:
+                raw = self._cache.get(key)
+            except (sqlite3.Error, OSError):
+                raw = None
+            entry = _decode(raw, dimensions) if isinstance(raw, bytes) else None
+            found.append(entry.vector if entry is not None and entry.route == "provider" else None)
+        return found
+
+    # -- leases: which caller, in any process sharing this directory, is fetching a key ----
+
+    def claim(self, keys: list[str], holder: bytes, *, seconds: float) -> list[bytes | None]:
+        """Take the lease on each key that nobody holds; an expired lease counts as free.
+
+        Returns:
+            None where ``holder`` now holds the lease, else the current holder's value.
+            If the cache cannot be written, every key counts as held by ``holder``: a
+            damaged cache must not stop embedding, it only loses the coordination.
+
+        """
+        holders: list[bytes | None] = []
+        try:
+            with self._cache.transact():  # one atomic step against every other process
+                for key in keys:
+                    lease = _LEASE_PREFIX + key
+                    if self._cache.add(lease, holder, expire=seconds):
+                        holders.append(None)
+                    else:
+                        current = self._cache.get(lease)
+                        holders.append(current if isinstance(current, bytes) else b"")
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            logger.warning("could not take cache leases; fetching without them: %s", exc)
+            return [None] * len(keys)
+        return holders
+
+    def holders(self, keys: list[str]) -> list[bytes | None]:
+        """Current (unexpired) lease holder of each key, None where nobody holds one."""
+        try:
+            values = [self._cache.get(_LEASE_PREFIX + key) for key in keys]
+        except (sqlite3.Error, OSError) as exc:  # unreadable: waiters fetch for themselves
+            logger.warning("could not read cache leases: %s", exc)
+            return [None] * len(keys)
+        return [v if isinstance(v, bytes) else None for v in values]
+
+    def release(self, keys: list[str], holder: bytes) -> None:
+        """Drop the leases ``holder`` still holds on keys (not ones re-taken after expiry)."""
+        try:
+            with self._cache.transact():
+                for key in keys:
+                    if self._cache.get(_LEASE_PREFIX + key) == holder:
+                        self._cache.delete(_LEASE_PREFIX + key)
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:  # they expire on their own
+            logger.warning("could not release cache leases: %s", exc)
 
     def note_rejected(self, count: int) -> None:
         """Count hits that were found but not served (e.g. confidence below threshold)."""

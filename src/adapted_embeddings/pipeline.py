@@ -11,7 +11,9 @@ Each call is split into a *plan* (everything before the provider) and a *finish*
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ from adapted_embeddings.encoders import SourceEncoder
 from adapted_embeddings.errors import ConfigurationError, InvalidInputError, ProviderError
 from adapted_embeddings.provider import OpenAIEmbeddingProvider, ProviderOutcome
 from adapted_embeddings.settings import GateSettings
+from adapted_embeddings.singleflight import SingleFlight
 from adapted_embeddings.spaces import EmbeddingSpace, ensure_same_space
 
 logger = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class _Plan:
     local_confidence: dict[int, float] = field(default_factory=dict)
     for_provider: list[int] = field(default_factory=list)
     fresh_local: list[int] = field(default_factory=list)
+    published: set[int] = field(default_factory=set)  # provider vectors already cached
 
     @property
     def provider_texts(self) -> list[str]:
@@ -129,6 +133,9 @@ class EmbeddingPipeline:
         self.gate = gate
         self._stats = PipelineStats()
         self._stats_lock = threading.Lock()
+        # Concurrent callers (threads, tasks, processes sharing the cache directory) that
+        # miss the cache for the same text pay for it once: see singleflight.py.
+        self._flights = SingleFlight(cache) if cache is not None else None
 
     @property
     def space(self) -> EmbeddingSpace:
@@ -154,7 +161,7 @@ class EmbeddingPipeline:
         outcome = None
         if plan.for_provider:
             assert self.provider is not None  # __init__ refuses provider-less non-local modes
-            outcome = self.provider.embed(plan.provider_texts)
+            outcome = self._fetch(plan)
         return self._finish(plan, outcome)
 
     async def aembed(self, texts: Sequence[str], role: Role = "document") -> list[EmbeddingResult]:
@@ -163,7 +170,7 @@ class EmbeddingPipeline:
         outcome = None
         if plan.for_provider:
             assert self.provider is not None  # guaranteed by _plan
-            outcome = await self.provider.aembed(plan.provider_texts)
+            outcome = await self._afetch(plan)
         return await asyncio.to_thread(self._finish, plan, outcome)
 
     def stats(self) -> PipelineStats:
@@ -247,6 +254,54 @@ class EmbeddingPipeline:
             plan.local_vectors[u] = vectors[row]
             plan.local_confidence[u] = float(confidence[row])
 
+    # -- provider call, single-flight ----------------------------------------------------
+
+    def _fetch(self, plan: _Plan) -> ProviderOutcome:
+        assert self.provider is not None
+        if self._flights is None:
+            return self.provider.embed(plan.provider_texts)
+        return self._flights.fetch(
+            plan.provider_texts,
+            [plan.keys[u] for u in plan.for_provider],
+            self.provider.embed,
+            functools.partial(self._publish, plan),
+            dimensions=self.space.dimensions,
+            lease_seconds=self._lease_seconds(len(plan.for_provider)),
+        )
+
+    async def _afetch(self, plan: _Plan) -> ProviderOutcome:
+        assert self.provider is not None
+        if self._flights is None:
+            return await self.provider.aembed(plan.provider_texts)
+        return await self._flights.afetch(
+            plan.provider_texts,
+            [plan.keys[u] for u in plan.for_provider],
+            self.provider.aembed,
+            functools.partial(self._publish, plan),
+            dimensions=self.space.dimensions,
+            lease_seconds=self._lease_seconds(len(plan.for_provider)),
+        )
+
+    def _publish(self, plan: _Plan, vectors: dict[int, np.ndarray]) -> None:
+        """Cache provider vectors as soon as they arrive, so waiting callers can use them."""
+        assert self.cache is not None
+        entries = []
+        for position, vector in vectors.items():
+            u = plan.for_provider[position]
+            entries.append(self._entry(plan, u, vector, "provider", plan.local_confidence.get(u)))
+            plan.published.add(u)
+        self.cache.put_many(entries)
+
+    def _lease_seconds(self, texts: int) -> float:
+        """The longest a provider call for ``texts`` texts can take, with every retry."""
+        assert self.provider is not None
+        limits = self.provider.settings
+        rounds = math.ceil(
+            math.ceil(texts / limits.max_inputs_per_request) / limits.max_concurrent_requests
+        )
+        per_request = limits.timeout * (limits.max_retries + 1) + 8.0 * limits.max_retries
+        return rounds * per_request + 10.0
+
     # -- finish: provider outcome, cache write, ordering --------------------------------
 
     def _finish(self, plan: _Plan, outcome: ProviderOutcome | None) -> list[EmbeddingResult]:
@@ -260,7 +315,8 @@ class EmbeddingPipeline:
                     continue
                 confidence = plan.local_confidence.get(u)
                 plan.results[u] = self._result(vector, confidence, "provider")
-                to_cache.append(self._entry(plan, u, vector, "provider", confidence))
+                if u not in plan.published:
+                    to_cache.append(self._entry(plan, u, vector, "provider", confidence))
         for u in plan.fresh_local:
             to_cache.append(
                 self._entry(plan, u, plan.local_vectors[u], "local", plan.local_confidence[u])
