@@ -15,7 +15,7 @@ from adapted_embeddings.adapter.persistence import (
     serialize_weights,
     write_adapter,
 )
-from adapted_embeddings.errors import AdapterLoadError
+from adapted_embeddings.errors import AdapterLoadError, InvalidVectorError
 from adapted_embeddings.spaces import EmbeddingSpace
 
 # Rows per forward call: large enough for BLAS to run at full speed, small enough that the
@@ -146,11 +146,17 @@ class Adapter:
         """Total number of scalars in the weights."""
         return int(sum(t.size for t in self._weights.values()))
 
-    def translate(self, source_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def translate(
+        self, source_vectors: np.ndarray, *, token_counts: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Translate source vectors and score each translation, in one forward pass.
 
         Args:
             source_vectors: ``(n, d_source)`` or ``(d_source,)`` array in the source space.
+            token_counts: Optional source-model token count of each text (untruncated, with
+                special tokens). A text longer than the source model's window
+                (``architecture.max_source_tokens``) lost content the target model still
+                sees, so its confidence is multiplied by the share that was read.
 
         Returns:
             ``(vectors, confidence)``: ``(n, d_target)`` float32 unit vectors in the target
@@ -165,11 +171,23 @@ class Adapter:
         single = np.ndim(source_vectors) == 1
         batch = self.source.check_vectors(source_vectors, what="source vectors")
         arch = self.manifest.architecture
+        counts = None
+        if token_counts is not None:
+            counts = np.atleast_1d(np.asarray(token_counts, dtype=np.float32))
+            if counts.shape != (len(batch),):
+                raise InvalidVectorError(
+                    f"token_counts has shape {counts.shape}, expected ({len(batch)},)"
+                )
         if len(batch) <= _CHUNK_ROWS:
-            vectors, confidence = forward(batch, self._prepared, arch)
+            vectors, confidence = forward(batch, self._prepared, arch, counts)
         else:
             parts = [
-                forward(batch[start : start + _CHUNK_ROWS], self._prepared, arch)
+                forward(
+                    batch[start : start + _CHUNK_ROWS],
+                    self._prepared,
+                    arch,
+                    None if counts is None else counts[start : start + _CHUNK_ROWS],
+                )
                 for start in range(0, len(batch), _CHUNK_ROWS)
             ]
             vectors = np.concatenate([p[0] for p in parts])

@@ -31,6 +31,11 @@ class ArchitectureConfig(BaseModel):
     quality_hidden_dim: int = Field(
         default=0, ge=0, description="Hidden width of the quality head; 0 means logistic."
     )
+    max_source_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Source model's window in tokens (0 = unknown); longer texts were cut.",
+    )
 
 
 class AdapterManifest(BaseModel):

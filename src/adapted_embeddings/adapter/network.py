@@ -39,12 +39,21 @@ def expected_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
     shapes["quality.bias"] = (1,)
     shapes["quality.feature_mean"] = (features,)
     shapes["quality.feature_scale"] = (features,)
+    shapes["gate.weight"] = (OOD_STATISTICS,)
+    shapes["gate.bias"] = (1,)
     return shapes
 
 
+OOD_STATISTICS = 2
+"""Mahalanobis distance inside the OOD subspace and energy outside it (log values)."""
+
+NORM_STATISTICS = 2
+"""Log norms of the basis coefficients and of the un-normalised output."""
+
+
 def quality_feature_count(arch: ArchitectureConfig) -> int:
-    """Number of inputs to the quality head: hidden units plus two OOD statistics."""
-    return arch.hidden_dim + 2
+    """Inputs to the quality head: hidden units, two OOD statistics and two output norms."""
+    return arch.hidden_dim + OOD_STATISTICS + NORM_STATISTICS
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -52,13 +61,16 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
 
 
-def l2_normalize(x: np.ndarray, *, inplace: bool = False) -> np.ndarray:
-    """Scale each row to unit length; an all-zero row stays zero instead of becoming NaN."""
+def l2_normalize(x: np.ndarray, *, inplace: bool = False, return_norms: bool = False) -> np.ndarray:
+    """Scale each row to unit length; an all-zero row stays zero instead of becoming NaN.
+
+    With ``return_norms`` it returns the ``(n,)`` norms instead (``x`` must be ``inplace``).
+    """
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     np.maximum(norms, _EPS, out=norms)
     if inplace:
         x /= norms
-        return x
+        return norms[:, 0] if return_norms else x
     return x / norms
 
 
@@ -107,17 +119,47 @@ def forward(
     source: np.ndarray,
     weights: dict[str, np.ndarray],
     arch: ArchitectureConfig,
+    token_counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Translate a batch and score it in one pass.
+
+    The confidence is ``quality * gate * coverage``: the quality head's predicted
+    translation quality (trained on cross-fitted held-out error), an out-of-distribution
+    gate on the two OOD statistics (fitted at training-distribution percentiles, so inputs
+    unlike anything the adapter saw score low even where the quality head extrapolates),
+    and, when token counts are given, the share of the text the source model actually read.
 
     Args:
         source: ``(n, input_dim)`` float32 source vectors (finite; normalised here).
         weights: Tensors named as in :func:`expected_shapes`, float32, passed through
             :func:`prepare`.
         arch: The architecture the weights were checked against.
+        token_counts: Optional ``(n,)`` source-model token counts of the texts (untruncated,
+            special tokens included). Texts longer than ``arch.max_source_tokens`` were cut
+            by the source model but not by the target, so their confidence is scaled by the
+            fraction that was read.
 
     Returns:
         ``(n, output_dim)`` unit-length target vectors and ``(n,)`` confidences in [0, 1].
+
+    """
+    target, features, ood = translate_with_features(source, weights, arch)
+    confidence = quality_head(features, weights, arch)
+    confidence *= ood_gate(ood, weights)
+    if token_counts is not None and arch.max_source_tokens:
+        confidence *= coverage(token_counts, arch.max_source_tokens)
+    return target, confidence
+
+
+def translate_with_features(
+    source: np.ndarray, weights: dict[str, np.ndarray], arch: ArchitectureConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The translation plus the quality-head features and OOD statistics it produced.
+
+    Returns:
+        ``(target, features, ood)``: unit target vectors, ``(n, quality_feature_count)``
+        head inputs and the ``(n, 2)`` OOD statistics. Training code fits the quality head
+        and the gate on exactly these.
 
     """
     centred = l2_normalize(source)
@@ -127,7 +169,8 @@ def forward(
     rank, width = arch.basis_rank, arch.basis_rank + arch.hidden_dim
     # A column slice of `activations` is strided; BLAS is ~2x slower on it, so copy once.
     coefficients = np.ascontiguousarray(activations[:, :rank])
-    features = [ood_statistics(centred, activations[:, width:], weights)]
+    ood = ood_statistics(centred, activations[:, width:], weights)
+    features = [ood]
     if arch.hidden_dim:
         hidden = gelu(activations[:, rank:width])
         coefficients += hidden @ weights["residual.weight"]
@@ -137,9 +180,24 @@ def forward(
     # and every extra temporary of it costs more memory traffic than the matmul saves.
     target = coefficients @ weights["decoder.weight"]
     target += weights["decoder.bias"]
-    l2_normalize(target, inplace=True)
-    confidence = quality_head(np.concatenate(features, axis=1), weights, arch)
-    return target, confidence
+    norms = l2_normalize(target, inplace=True, return_norms=True)
+    # How far the map moved away from the mean: an uncertain regression shrinks toward it,
+    # so short outputs flag translations that are likely poor.
+    coefficient_norms = np.sqrt(np.einsum("ij,ij->i", coefficients, coefficients))
+    features.append(np.log(np.stack([coefficient_norms, norms], axis=1) + _EPS))
+    return target, np.concatenate(features, axis=1), ood
+
+
+def ood_gate(ood: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """Near 1 inside the training distribution, falling toward 0 outside it."""
+    logits = ood @ weights["gate.weight"] + weights["gate.bias"][0]
+    return (1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))).astype(np.float32)
+
+
+def coverage(token_counts: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Share of each text that a source model with a ``max_tokens`` window reads, in (0, 1]."""
+    counts = np.maximum(np.asarray(token_counts, dtype=np.float32), 1.0)
+    return np.minimum(1.0, np.float32(max_tokens) / counts).astype(np.float32)
 
 
 def quality_head(
