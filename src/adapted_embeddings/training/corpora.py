@@ -278,3 +278,72 @@ def load_debian_descriptions(limit: int | None = None, *, seed: int = 0) -> list
         rng = np.random.default_rng(seed)
         ordered = [ordered[i] for i in sorted(rng.choice(len(ordered), limit, replace=False))]
     return ordered
+
+
+_STDLIB_MODULES = (
+    "os",
+    "json",
+    "re",
+    "pathlib",
+    "collections",
+    "itertools",
+    "functools",
+    "datetime",
+    "subprocess",
+    "socket",
+    "threading",
+    "asyncio",
+    "argparse",
+    "logging",
+    "shutil",
+    "string",
+    "textwrap",
+    "random",
+    "statistics",
+    "math",
+    "heapq",
+    "bisect",
+    "csv",
+    "sqlite3",
+    "zipfile",
+    "tarfile",
+    "hashlib",
+    "hmac",
+    "base64",
+    "urllib.parse",
+    "http.client",
+    "email.message",
+    "xml.etree.ElementTree",
+    "unittest",
+    "inspect",
+    "typing",
+    "dataclasses",
+    "enum",
+    "uuid",
+)
+
+
+def load_stdlib_docstrings(limit: int | None = None, *, seed: int = 0) -> list[str]:
+    """First paragraphs of Python standard-library docstrings: an offline technical domain.
+
+    Available wherever Python is, so it serves as an out-of-domain set in tests and
+    benchmarks. The exact texts depend on the Python version.
+    """
+    import importlib
+    import inspect
+
+    texts: set[str] = set()
+    for module_name in _STDLIB_MODULES:
+        module = importlib.import_module(module_name)
+        for _, member in inspect.getmembers(module):
+            doc = inspect.getdoc(member) if callable(member) else None
+            if not doc:
+                continue
+            paragraph = " ".join(doc.split("\n\n")[0].split())
+            if len(paragraph.split()) >= 6:
+                texts.add(paragraph)
+    ordered = sorted(texts)
+    if limit is not None and limit < len(ordered):
+        rng = np.random.default_rng(seed)
+        ordered = [ordered[i] for i in sorted(rng.choice(len(ordered), limit, replace=False))]
+    return ordered

@@ -221,7 +221,9 @@ def recalibrate(
     data = check_parallel(
         source_vectors, target_vectors, source=adapter.source, target=adapter.target
     )
-    translated, confidence = adapter.translate(data.source)
+    # Translate the vectors exactly as given (not the re-normalised copy) so that the
+    # threshold splits the very confidences a caller will compute for them.
+    translated, confidence = adapter.translate(np.asarray(source_vectors, dtype=np.float32))
     curve = calibration.routing_curve(
         translated, confidence, data.target, target_mean=adapter.weights["decoder.bias"]
     )

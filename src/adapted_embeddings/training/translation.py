@@ -50,6 +50,8 @@ class TranslationConfig:
         contrastive_weight: Weight of the InfoNCE term.
         raw_cosine_weight: Weight of the raw-cosine term.
         temperature: InfoNCE temperature.
+        negatives: Random training targets per step that serve as InfoNCE negatives (with
+            the batch's own targets); all of them when there are fewer.
         threads: Torch CPU threads during training.
 
     """
@@ -57,8 +59,8 @@ class TranslationConfig:
     basis_rank: int = 256
     hidden_dim: int = 192
     ridge_alpha: float = 0.1
-    epochs: int = 30
-    patience: int = 6
+    epochs: int = 15
+    patience: int = 4
     batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -66,6 +68,7 @@ class TranslationConfig:
     contrastive_weight: float = 0.1
     raw_cosine_weight: float = 1.0
     temperature: float = 0.05
+    negatives: int = 2048
     threads: int = 1
 
 
@@ -197,11 +200,12 @@ def _train_mlp(
             total = 0.0
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
-                loss = _loss(net(x[rows]), y[rows], rows, y, mean, config)
+                negatives = _sample_negatives(len(y), config.negatives, rng)
+                loss = _loss(net(x[rows]), y[rows], y[negatives], mean, config)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total += float(loss) * len(rows)
+                total += loss.item() * len(rows)
             schedule.step()
             record = {"epoch": float(epoch), "train_loss": total / len(x)}
             if validation is not None and fixed_epochs is None:
@@ -226,11 +230,16 @@ def _train_mlp(
         torch.set_num_threads(previous_threads)
 
 
+def _sample_negatives(n: int, count: int, rng: np.random.Generator) -> torch.Tensor:
+    if n <= count:
+        return torch.arange(n)
+    return torch.as_tensor(np.sort(rng.choice(n, size=count, replace=False)))
+
+
 def _loss(
     predicted: torch.Tensor,
     true: torch.Tensor,
-    rows: torch.Tensor,
-    all_targets: torch.Tensor,
+    negatives: torch.Tensor,
     mean: torch.Tensor,
     config: TranslationConfig,
 ) -> torch.Tensor:
@@ -238,8 +247,13 @@ def _loss(
     raw = (predicted * true).sum(dim=1).mean()
     loss = (1.0 - centred) + config.raw_cosine_weight * (1.0 - raw)
     if config.contrastive_weight:
-        logits = predicted @ all_targets.T / config.temperature
-        loss = loss + config.contrastive_weight * F.cross_entropy(logits, rows)
+        # Own targets first (label i for row i), then the sampled targets as negatives. A
+        # row's own target may also be among the samples; at 2048 of thousands it is rare
+        # and only softens the term.
+        candidates = torch.cat([true, negatives])
+        logits = predicted @ candidates.T / config.temperature
+        labels = torch.arange(len(predicted))
+        loss = loss + config.contrastive_weight * F.cross_entropy(logits, labels)
     return loss
 
 
@@ -254,8 +268,7 @@ def _validation_score(
     with torch.no_grad():
         x = torch.as_tensor(validation[0], dtype=torch.float32)
         y = torch.as_tensor(validation[1], dtype=torch.float32)
-        rows = torch.arange(len(x))
-        return -float(_loss(net(x), y, rows, y, mean, config))
+        return -float(_loss(net(x), y, y[:0], mean, config))
 
 
 def linear_config(config: TranslationConfig) -> TranslationConfig:
