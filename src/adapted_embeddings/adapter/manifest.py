@@ -36,6 +36,16 @@ class ArchitectureConfig(BaseModel):
         ge=0,
         description="Source model's window in tokens (0 = unknown); longer texts were cut.",
     )
+    max_target_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Target model's window in tokens (0 = longer than any source window).",
+    )
+    coverage_exponent: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="Confidence is scaled by coverage**exponent for texts the source cut.",
+    )
 
 
 class AdapterManifest(BaseModel):

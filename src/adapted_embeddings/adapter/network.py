@@ -137,7 +137,7 @@ def forward(
         token_counts: Optional ``(n,)`` source-model token counts of the texts (untruncated,
             special tokens included). Texts longer than ``arch.max_source_tokens`` were cut
             by the source model but not by the target, so their confidence is scaled by the
-            fraction that was read.
+            fraction that was read (to the power ``arch.coverage_exponent``).
 
     Returns:
         ``(n, output_dim)`` unit-length target vectors and ``(n,)`` confidences in [0, 1].
@@ -147,7 +147,7 @@ def forward(
     confidence = quality_head(features, weights, arch)
     confidence *= ood_gate(ood, weights)
     if token_counts is not None and arch.max_source_tokens:
-        confidence *= coverage(token_counts, arch.max_source_tokens)
+        confidence *= coverage(token_counts, arch) ** np.float32(arch.coverage_exponent)
     return target, confidence
 
 
@@ -194,10 +194,16 @@ def ood_gate(ood: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))).astype(np.float32)
 
 
-def coverage(token_counts: np.ndarray, max_tokens: int) -> np.ndarray:
-    """Share of each text that a source model with a ``max_tokens`` window reads, in (0, 1]."""
+def coverage(token_counts: np.ndarray, arch: ArchitectureConfig) -> np.ndarray:
+    """Share of what the target model reads that the source model read too, in (0, 1].
+
+    A text of ``n`` tokens is read up to ``max_source_tokens`` by the source model and up to
+    ``max_target_tokens`` (if set) by the target; beyond both windows nothing is lost.
+    """
     counts = np.maximum(np.asarray(token_counts, dtype=np.float32), 1.0)
-    return np.minimum(1.0, np.float32(max_tokens) / counts).astype(np.float32)
+    if arch.max_target_tokens:
+        counts = np.minimum(counts, np.float32(arch.max_target_tokens))
+    return np.minimum(1.0, np.float32(arch.max_source_tokens) / counts).astype(np.float32)
 
 
 def quality_head(

@@ -62,6 +62,7 @@ def train_adapter(
     max_fallback_rate: float | None = 0.10,
     quality_floor: float | None = None,
     max_source_tokens: int = 0,
+    max_target_tokens: int = 0,
     description: str = "",
     training_info: dict[str, Any] | None = None,
     output_dir: str | Path | None = None,
@@ -87,6 +88,7 @@ def train_adapter(
         quality_floor: ...or to reach this neighbour agreement relative to native.
         max_source_tokens: The source model's window (recorded; scales confidence of
             longer texts when the caller passes token counts).
+        max_target_tokens: The target model's window (0 = far longer than the source's).
         description: Free text for the manifest.
         training_info: Extra facts for the manifest's ``training`` section (data, split).
         output_dir: If given, save the adapter there.
@@ -140,6 +142,7 @@ def train_adapter(
         hidden_dim=fit.hidden_dim,
         ood_rank=min(ood_rank or 256, input_dim),
         max_source_tokens=max_source_tokens,
+        max_target_tokens=max_target_tokens,
     )
     weights = dict(fit.tensors)
     centred_train = _unit(train.source) - weights["source_mean"]

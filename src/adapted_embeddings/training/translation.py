@@ -66,7 +66,7 @@ class TranslationConfig:
     weight_decay: float = 1e-4
     dropout: float = 0.1
     contrastive_weight: float = 0.1
-    raw_cosine_weight: float = 1.0
+    raw_cosine_weight: float = 3.0
     temperature: float = 0.05
     negatives: int = 2048
     threads: int = 1
