@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ def embed_with_provider(
             usd = "unknown price" if estimate["usd"] is None else f"~${estimate['usd']:.4f}"
             print(
                 f"embedding {len(missing)} texts with {space.id} ({estimate['tokens']} tokens, "
-                f"{usd}); {len(texts) - len(missing)} already cached"
+                f"{usd}); {len(texts) - len(missing)} already cached",
+                file=sys.stderr,  # stdout belongs to the caller (the CLI prints JSON there)
             )
             client = OpenAIEmbeddingProvider(provider, space)
             failed: list[int] = []
