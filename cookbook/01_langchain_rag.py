@@ -108,20 +108,21 @@ def main() -> None:
 
     sure = np.array(confident)
     same = np.array(top1_same)
-    print(
-        f"== agreement with the true ada-002 query vectors ({len(rows)} held-out clues, k={args.k})"
-    )
-    print(f"top-1 document identical:            {same.mean():.0%}")
-    print(f"mean overlap of the top-{args.k}:            {np.mean(overlap):.2f} of {args.k}")
-    print(f"true top-1 found in adapted top-{args.k}:     {np.mean(found):.0%}")
-    print(
-        f"same category in top-{args.k}:              adapted {np.mean(cat_adapted):.0%}, "
-        f"true ada-002 {np.mean(cat_true):.0%}"
-    )
-    print(
-        f"confident queries (>= {threshold:.3f}):    {sure.sum()} of {len(rows)}; top-1 identical "
-        f"{_share(same[sure])} of them vs {_share(same[~sure])} of the rest"
-    )
+    print(f"== agreement with the true ada-002 query vectors ({len(rows)} held-out clues)")
+    report = {
+        "top-1 document identical": f"{same.mean():.0%}",
+        f"mean overlap of the top-{args.k}": f"{np.mean(overlap):.2f} of {args.k}",
+        f"true top-1 found in adapted top-{args.k}": f"{np.mean(found):.0%}",
+        f"same category in top-{args.k}": (
+            f"adapted {np.mean(cat_adapted):.0%}, true ada-002 {np.mean(cat_true):.0%}"
+        ),
+        f"confident queries (>= {threshold:.3f})": (
+            f"{sure.sum()} of {len(rows)}; top-1 identical {_share(same[sure])} of them "
+            f"vs {_share(same[~sure])} of the rest"
+        ),
+    }
+    for label, value in report.items():
+        print(f"{label + ':':<38} {value}")
     print("(in mode='hybrid' the unconfident ones would have been sent to OpenAI)")
 
 

@@ -50,7 +50,7 @@ def test_script_01_langchain_rag(tmp_path: Path) -> None:
     out = run_script("01_langchain_rag.py", "--queries", "5", tmp_path=tmp_path)
     assert "index: 8000 Jeopardy clues with their real ada-002 vectors" in out
     assert "Human: Answer the Jeopardy clue using only these past clues:" in out
-    assert "agreement with the true ada-002 query vectors (5 held-out clues, k=5)" in out
+    assert "agreement with the true ada-002 query vectors (5 held-out clues)" in out
     assert "top-1 document identical:" in out
 
 
