@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cache import EmbeddingCache
 from adapted_embeddings.encoders import SourceEncoder, build_encoder
 from adapted_embeddings.errors import ConfigurationError
-from adapted_embeddings.pipeline import EmbeddingPipeline
+from adapted_embeddings.pipeline import (
+    EmbeddingPipeline,
+    EmbeddingResult,
+    PipelineStats,
+    Role,
+)
 from adapted_embeddings.provider import OpenAIEmbeddingProvider, require_credentials
 from adapted_embeddings.registry import find_adapter
 from adapted_embeddings.settings import AdaptedEmbeddingsSettings, Mode, OnProviderError
+from adapted_embeddings.spaces import EmbeddingSpace
 
 
 class PipelineOptions(BaseModel):
@@ -71,6 +78,33 @@ class PipelineOptions(BaseModel):
     settings: AdaptedEmbeddingsSettings | None = Field(
         default=None, description="A settings object; defaults to one read from the environment."
     )
+
+    _pipeline: EmbeddingPipeline = PrivateAttr()
+
+    @property
+    def pipeline(self) -> EmbeddingPipeline:
+        """The underlying pipeline (the same logic for every integration)."""
+        return self._pipeline
+
+    @property
+    def space(self) -> EmbeddingSpace:
+        """The embedding space of every vector returned (store it beside your index)."""
+        return self._pipeline.space
+
+    @property
+    def embedding_dimensions(self) -> int:
+        """Length of every vector returned."""
+        return self._pipeline.space.dimensions
+
+    def embed_with_info(
+        self, texts: Sequence[str], role: Role = "document"
+    ) -> list[EmbeddingResult]:
+        """Per-text results: vector, confidence, route and space."""
+        return self._pipeline.embed(texts, role)
+
+    def stats(self) -> PipelineStats:
+        """Counters: cache hits, local, provider, degraded, provider requests and tokens."""
+        return self._pipeline.stats()
 
     def resolved_settings(self) -> AdaptedEmbeddingsSettings:
         """The settings with every keyword that was given applied on top."""

@@ -12,15 +12,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.embeddings import Embeddings
-from pydantic import ConfigDict, PrivateAttr
+from pydantic import ConfigDict
 
 from adapted_embeddings.factory import PipelineOptions
-from adapted_embeddings.pipeline import EmbeddingPipeline, EmbeddingResult, PipelineStats, Role
-from adapted_embeddings.spaces import EmbeddingSpace
 
 
 class AdaptedEmbeddings(PipelineOptions, Embeddings):
@@ -52,8 +49,6 @@ class AdaptedEmbeddings(PipelineOptions, Embeddings):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=())
 
-    _pipeline: EmbeddingPipeline = PrivateAttr()
-
     def __init__(self, **data: Any) -> None:
         """Validate keywords, then build the pipeline.
 
@@ -63,21 +58,6 @@ class AdaptedEmbeddings(PipelineOptions, Embeddings):
         """
         super().__init__(**data)
         self._pipeline = self.build_pipeline()
-
-    @property
-    def pipeline(self) -> EmbeddingPipeline:
-        """The underlying pipeline (shared logic with the LlamaIndex integration)."""
-        return self._pipeline
-
-    @property
-    def space(self) -> EmbeddingSpace:
-        """The embedding space of every vector returned (store it beside your index)."""
-        return self._pipeline.space
-
-    @property
-    def embedding_dimensions(self) -> int:
-        """Length of every vector returned."""
-        return self._pipeline.space.dimensions
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Embed documents (role ``document``), in input order."""
@@ -94,13 +74,3 @@ class AdaptedEmbeddings(PipelineOptions, Embeddings):
     async def aembed_query(self, text: str) -> list[float]:
         """Async :meth:`embed_query`."""
         return (await self._pipeline.aembed([text], "query"))[0].vector.tolist()
-
-    def embed_with_info(
-        self, texts: Sequence[str], role: Role = "document"
-    ) -> list[EmbeddingResult]:
-        """Per-text results: vector, confidence, route and space."""
-        return self._pipeline.embed(texts, role)
-
-    def stats(self) -> PipelineStats:
-        """Counters: cache hits, local, provider, degraded, provider requests and tokens."""
-        return self._pipeline.stats()

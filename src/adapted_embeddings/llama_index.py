@@ -13,15 +13,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field
 
 from adapted_embeddings.factory import PipelineOptions
-from adapted_embeddings.pipeline import EmbeddingPipeline, EmbeddingResult, PipelineStats, Role
-from adapted_embeddings.spaces import EmbeddingSpace
 
 
 class AdaptedEmbeddings(BaseEmbedding, PipelineOptions):
@@ -42,8 +39,6 @@ class AdaptedEmbeddings(BaseEmbedding, PipelineOptions):
         "10 because the pipeline batches local encoding and provider requests itself.",
     )
 
-    _pipeline: EmbeddingPipeline = PrivateAttr()
-
     def __init__(self, **data: Any) -> None:
         """Build the pipeline from keywords and settings (see ``PipelineOptions``)."""
         super().__init__(**data)
@@ -54,16 +49,6 @@ class AdaptedEmbeddings(BaseEmbedding, PipelineOptions):
     def class_name(cls) -> str:
         """Stable name LlamaIndex uses when serialising this component."""
         return "AdaptedEmbeddings"
-
-    @property
-    def pipeline(self) -> EmbeddingPipeline:
-        """The underlying pipeline (shared with the LangChain integration)."""
-        return self._pipeline
-
-    @property
-    def space(self) -> EmbeddingSpace:
-        """The embedding space of every vector returned."""
-        return self._pipeline.space
 
     def _get_query_embedding(self, query: str) -> Embedding:
         return self._pipeline.embed([query], "query")[0].vector.tolist()
@@ -82,13 +67,3 @@ class AdaptedEmbeddings(BaseEmbedding, PipelineOptions):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return [r.vector.tolist() for r in await self._pipeline.aembed(texts, "document")]
-
-    def embed_with_info(
-        self, texts: Sequence[str], role: Role = "document"
-    ) -> list[EmbeddingResult]:
-        """Per-text results: vector, confidence, route and space."""
-        return self._pipeline.embed(texts, role)
-
-    def stats(self) -> PipelineStats:
-        """Counters: cache hits, local, provider, degraded, provider requests and tokens."""
-        return self._pipeline.stats()
