@@ -81,6 +81,7 @@ def read_parallel_file(
         InputFileError: Missing file, wrong column or bad rows (see :mod:`adapted_embeddings.io`).
         TrainingDataError: Stored vectors that do not fit the target space, or no way to get
             target vectors.
+        ConfigurationError: The provider has neither an API key nor a base URL.
 
     """
     target_space = EmbeddingSpace.parse(target)
@@ -99,8 +100,10 @@ def read_parallel_file(
             raise TrainingDataError(
                 "no target vectors: give the column holding them, or a provider to fetch them"
             )
+        from adapted_embeddings.provider import require_credentials
         from adapted_embeddings.training.texts import embed_with_provider
 
+        require_credentials(provider)  # before any work or cost notice
         target_vectors = embed_with_provider(
             records.texts,
             target=target_space,
