@@ -312,3 +312,15 @@ async def test_async_matches_sync(
         )
     docs = await asynchronous.aembed_documents(TEXTS)
     np.testing.assert_allclose(docs, sync.embed_documents(TEXTS), atol=1e-5)
+
+
+def test_local_mode_serves_its_cached_vectors_whatever_the_threshold(
+    e5_adapter_path: Path, tmp_path: Path
+) -> None:
+    embeddings = embedder(e5_adapter_path, None, tmp_path, mode="local", query_threshold=1.0)
+    first = embeddings.embed_with_info(TEXTS[:3], role="query")
+    again = embeddings.embed_with_info(TEXTS[:3], role="query")
+    assert [r.route for r in first] == ["local"] * 3
+    assert [r.route for r in again] == ["cache"] * 3
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a.vector, b.vector)

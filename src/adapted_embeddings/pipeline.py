@@ -232,6 +232,8 @@ class EmbeddingPipeline:
             usable = (
                 entry.route == "provider"
                 or _blank(plan.unique_texts[u])  # blank texts are always local, see _plan
+                # Local mode keeps every local vector, so recomputing one would give the same.
+                or self.gate.mode == "local"
                 or (
                     self.gate.mode != "provider"
                     and entry.confidence is not None
