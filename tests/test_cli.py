@@ -212,7 +212,8 @@ def test_no_quality_leaves_confidence_out(runner: CliRunner, cache_dir: Path) ->
         invoke(runner, ["embed", "-m", "local", "--ndjson", "--no-quality", "-t", "x"])
     )
     assert set(records[0]) == {"text", "embedding", "route", "space"}
-    table = invoke(runner, ["embed", "-m", "local", "--no-quality", "-t", "x"])
+    # A new text: "x" is in the cache now, and its row would say "cache".
+    table = invoke(runner, ["embed", "-m", "local", "--no-quality", "-t", "y"])
     row = table.stdout.splitlines()[2]
     assert row.split()[:2] == ["1", "local"] and row.split()[2].startswith("[")
 
