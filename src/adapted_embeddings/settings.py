@@ -95,6 +95,71 @@ class ProviderSettings(BaseModel):
     )
 
 
+class LearningSettings(BaseModel):
+    """Learning the user's domain from provider calls already paid for, and auditing it.
+
+    Every provider vector for a text the adapter also scored (a fallback or an audit) is
+    kept as a (source vector, provider vector) pair in a store beside the cache; ``adapt()``
+    fits a domain adapter from those pairs. Vectors can be inverted to recover much of their
+    text, so the pair store is as sensitive as the cache: it is private (0700) and holds no
+    text unless ``store_text``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    learn: bool = Field(
+        default=True, description="Keep (source, provider) vector pairs for adapt()."
+    )
+    store_text: bool = Field(
+        default=False, description="Also keep each pair's text (off: vectors only)."
+    )
+    max_pairs: int = Field(
+        default=100_000, gt=0, description="Pairs kept per (source, target); oldest go first."
+    )
+    audit_rate: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="Share of confidently-local texts also sent to the provider to check the "
+        "local route (the caller gets the provider's vector).",
+    )
+    warmup_audits: int = Field(
+        default=40,
+        ge=0,
+        description="Audit at warmup_audit_rate until this many audits exist for an adapter.",
+    )
+    warmup_audit_rate: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="Audit rate while audits are few."
+    )
+    guard: bool = Field(
+        default=True,
+        description="Raise the threshold when audits show the local route below the "
+        "adapter's calibrated quality floor.",
+    )
+    guard_min_audits: int = Field(
+        default=30, ge=5, description="Audits needed before the guard may act."
+    )
+    guard_tolerance: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="How far (centred cosine) the audited local route may fall below the "
+        "floor before the guard acts.",
+    )
+    audit_window: int = Field(
+        default=400, ge=10, description="Most recent audits used for the quality estimate."
+    )
+    auto_adapt_every: int | None = Field(
+        default=None,
+        gt=0,
+        description="Adapt again in the background after this many new pairs (off: None).",
+    )
+    adapter_dir: Path | None = Field(
+        default=None,
+        description="Where adapt() saves adapted adapters (default: <cache dir>/adapters).",
+    )
+
+
 class AdaptedEmbeddingsSettings(BaseSettings):
     """Every setting of the library. Constructor arguments of the integrations override these."""
 
@@ -123,6 +188,7 @@ class AdaptedEmbeddingsSettings(BaseSettings):
     gate: GateSettings = Field(default_factory=GateSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     provider: ProviderSettings = Field(default_factory=ProviderSettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
 
     @model_validator(mode="after")
     def _read_openai_environment(self) -> AdaptedEmbeddingsSettings:
