@@ -2,16 +2,37 @@
 
 Inference deliberately avoids torch: it keeps import time and per-call overhead tiny, and
 it means a loaded adapter never executes anything but these few matrix products.
+
+:func:`prepare` folds everything that does not depend on the input into a handful of
+combined tensors once, at load time, so a forward pass is three matrix products plus a few
+in-place passes:
+
+* the encoder and the OOD projection share one product (both read the centred input), and
+  the residual bias is folded into the encoder's bias;
+* the GELU's factor 1/2, the quality head's feature scaling and its weights on the hidden
+  units are folded into one residual matrix, whose extra column(s) carry the quality logit;
+* the quality head's weights on the four scalar statistics (two OOD statistics, two log
+  norms) and the OOD gate share one small ``(4, m + 1)`` matrix.
+
+A single row takes a dedicated path that does its scalar arithmetic in Python floats
+instead of a dozen one-element NumPy calls. Both paths compute the same function as the
+plain formulas in :func:`translate_with_features`'s docstring (tested to float32 rounding).
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import numpy as np
 
 from adapted_embeddings.adapter.manifest import ArchitectureConfig
 
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+_GELU_C3 = np.float32(0.044715 * np.sqrt(2.0 / np.pi))
 _EPS = np.float32(1e-12)
+_LOGIT_CLIP = 30.0
+_QUALITY_KEYS = ("quality.feature_scale", "quality.weight", "gate.weight")
 
 
 def expected_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
@@ -61,58 +82,117 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
 
 
+def _twice_gelu(x: np.ndarray) -> np.ndarray:
+    """``2 * gelu(x)`` in one new contiguous array (the 1/2 is folded into the weights)."""
+    out = np.multiply(x, x)
+    out *= _GELU_C3
+    out += _GELU_C
+    out *= x
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= x
+    return out
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The logistic function as float32; logits are clipped to ±30 so exp never overflows."""
+    clipped = np.array(logits, dtype=np.float32)
+    np.clip(clipped, -_LOGIT_CLIP, _LOGIT_CLIP, out=clipped)
+    np.negative(clipped, out=clipped)
+    np.exp(clipped, out=clipped)
+    clipped += 1.0
+    return np.reciprocal(clipped, out=clipped)
+
+
+def _scalar_sigmoid(logit: float) -> float:
+    return 1.0 / (1.0 + math.exp(-min(max(logit, -_LOGIT_CLIP), _LOGIT_CLIP)))
+
+
 def l2_normalize(x: np.ndarray, *, inplace: bool = False, return_norms: bool = False) -> np.ndarray:
     """Scale each row to unit length; an all-zero row stays zero instead of becoming NaN.
 
-    With ``return_norms`` it returns the ``(n,)`` norms instead (``x`` must be ``inplace``).
+    Args:
+        x: ``(n, d)`` rows (anything array-like unless ``inplace``; computed in float32).
+        inplace: Scale ``x`` itself (a float32 array) instead of returning a new array.
+        return_norms: Return the ``(n,)`` norms (floored at 1e-12) instead of the rows;
+            only with ``inplace``.
+
     """
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    if not inplace:
+        x = np.array(x, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     np.maximum(norms, _EPS, out=norms)
-    if inplace:
-        x /= norms
-        return norms[:, 0] if return_norms else x
-    return x / norms
+    x *= np.reciprocal(norms)[:, None]
+    return norms if return_norms else x
 
 
 def prepare(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Add the fused tensors :func:`forward` uses to the checked weights.
+    """Add the combined tensors :func:`forward` uses to the checked weights (at load).
 
-    The encoder and the OOD projection both multiply the centred input, so they are
-    concatenated into one matrix: one BLAS call instead of two, which matters most for a
-    single query, where call overhead is a large share of the time.
+    The quality-head and gate tensors are optional here: training computes the features
+    the head is fitted on (:func:`translate_with_features`) before the head exists.
     """
     prepared = dict(weights)
+    rank = weights["decoder.weight"].shape[0]
+    encoder_bias = weights["encoder.bias"].astype(np.float32)
+    hidden_dim = encoder_bias.shape[0] - rank
+    ood_rank = weights["ood.projection"].shape[1]
+    if hidden_dim:
+        encoder_bias[:rank] += weights["residual.bias"]
     prepared["fused.weight"] = np.ascontiguousarray(
         np.concatenate([weights["encoder.weight"], weights["ood.projection"]], axis=1)
     )
-    ood_rank = weights["ood.projection"].shape[1]
-    prepared["fused.bias"] = np.concatenate(
-        [weights["encoder.bias"], np.zeros(ood_rank, dtype=np.float32)]
+    prepared["fused.bias"] = np.concatenate([encoder_bias, np.zeros(ood_rank, np.float32)])
+    # squared whitened coordinates @ this = (Mahalanobis distance, energy inside)
+    prepared["fused.ood"] = np.ascontiguousarray(
+        np.stack([np.full(ood_rank, 1.0 / ood_rank), weights["ood.variance"]], axis=1),
+        dtype=np.float64,
     )
+    residual = [0.5 * weights["residual.weight"]] if hidden_dim else []
+    if all(key in weights for key in _QUALITY_KEYS):
+        heads, bias, hidden_weights = _fold_heads(weights, hidden_dim)
+        prepared["fused.heads"], prepared["fused.heads_bias"] = heads, bias
+        if (
+            "quality.hidden.weight" not in weights
+        ):  # logistic head: the single-row path reads these as Python floats
+            prepared["fused.heads_scalars"] = np.concatenate([heads.T.ravel(), bias])
+        residual.append(0.5 * hidden_weights)
+    if hidden_dim:
+        prepared["fused.residual"] = np.ascontiguousarray(
+            np.concatenate(residual, axis=1), dtype=np.float32
+        )
     return prepared
 
 
-def ood_statistics(
-    centred: np.ndarray, whitened: np.ndarray, weights: dict[str, np.ndarray]
-) -> np.ndarray:
-    """Two distances from the training distribution, as log values, shape (n, 2).
+def _fold_heads(
+    weights: dict[str, np.ndarray], hidden_dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fold the feature scaling into the quality head and put the gate beside it.
 
-    The first is the Mahalanobis distance inside the top principal subspace (how unusual the
-    vector is along directions the adapter knows); the second is the energy outside that
-    subspace (how much of the vector lies in directions it never saw).
+    The head's first layer reads ``(features - mean) / scale``; that equals
+    ``features @ (W / scale) + (b - (mean / scale) @ W)``. Its rows for the hidden units
+    go into the residual product; its rows for the four statistics, plus the gate's
+    weights as one more column, form ``heads`` (4, m + 1).
 
-    Args:
-        centred: Normalised source vectors minus the training mean.
-        whitened: ``centred @ ood.projection``, computed by the caller's fused matmul.
-        weights: The adapter's tensors.
+    Returns:
+        ``(heads, heads_bias, hidden_rows)``.
 
     """
-    squared = whitened * whitened
-    mahalanobis = squared.mean(axis=1)
-    inside = squared @ weights["ood.variance"]
-    total = np.einsum("ij,ij->i", centred, centred)
-    outside = np.maximum(total - inside, 0.0)
-    return np.log1p(np.stack([mahalanobis, outside * centred.shape[1]], axis=1))
+    scale = weights["quality.feature_scale"].astype(np.float64)
+    mean = weights["quality.feature_mean"].astype(np.float64)
+    if "quality.hidden.weight" in weights:
+        first = weights["quality.hidden.weight"].astype(np.float64)
+        first_bias = weights["quality.hidden.bias"].astype(np.float64)
+    else:
+        first = weights["quality.weight"].astype(np.float64)[:, None]
+        first_bias = weights["quality.bias"].astype(np.float64)
+    scaled = first / scale[:, None]
+    bias = first_bias - (mean / scale) @ first
+    gate = np.zeros((OOD_STATISTICS + NORM_STATISTICS, 1))
+    gate[:OOD_STATISTICS, 0] = weights["gate.weight"]
+    heads = np.concatenate([scaled[hidden_dim:], gate], axis=1).astype(np.float32)
+    heads_bias = np.append(bias, weights["gate.bias"][0]).astype(np.float32)
+    return heads, heads_bias, scaled[:hidden_dim].astype(np.float32)
 
 
 def forward(
@@ -143,12 +223,126 @@ def forward(
         ``(n, output_dim)`` unit-length target vectors and ``(n,)`` confidences in [0, 1].
 
     """
-    target, features, ood = translate_with_features(source, weights, arch)
-    confidence = quality_head(features, weights, arch)
-    confidence *= ood_gate(ood, weights)
+    if len(source) == 1 and "fused.heads_scalars" in weights:
+        target, confidence = _forward_one(source[0], weights, arch)
+    else:
+        run = _translate(source, weights, arch)
+        heads = run.statistics @ weights["fused.heads"]
+        heads += weights["fused.heads_bias"]
+        quality_width = heads.shape[1] - 1
+        if run.hidden_quality is not None:
+            heads[:, :quality_width] += run.hidden_quality
+        if arch.quality_hidden_dim:
+            logits = gelu(heads[:, :quality_width]) @ weights["quality.weight"]
+            logits += weights["quality.bias"][0]
+            confidence = sigmoid(logits)
+            confidence *= sigmoid(heads[:, quality_width])
+        else:
+            both = sigmoid(heads)
+            confidence = both[:, 0] * both[:, 1]
+        target = run.target
     if token_counts is not None and arch.max_source_tokens:
         confidence *= coverage(token_counts, arch) ** np.float32(arch.coverage_exponent)
     return target, confidence
+
+
+class _Translation(NamedTuple):
+    """What one pass of the translation network produced (rows of a batch)."""
+
+    target: np.ndarray
+    """``(n, output_dim)`` unit target vectors."""
+    statistics: np.ndarray
+    """``(n, 4)``: the two OOD statistics, then log coefficient norm and log output norm."""
+    twice_hidden: np.ndarray | None
+    """``(n, hidden_dim)`` GELU activations times 2 (None for an affine adapter)."""
+    hidden_quality: np.ndarray | None
+    """``(n, m)`` the quality head's first layer applied to the hidden units, or None."""
+
+
+def _translate(
+    source: np.ndarray, prepared: dict[str, np.ndarray], arch: ArchitectureConfig
+) -> _Translation:
+    """The batch path: three matrix products and in-place passes (see the module doc)."""
+    rank, width = arch.basis_rank, arch.basis_rank + arch.hidden_dim
+    centred = l2_normalize(source)
+    centred -= prepared["source_mean"]
+    activations = centred @ prepared["fused.weight"]
+    activations += prepared["fused.bias"]
+    # (Mahalanobis distance, energy inside the subspace), then the energy outside it. The
+    # outside energy is a small difference of two numbers near 1, so these two sums are
+    # taken in float64 (float32 sums would lose about 3 of the 7 digits it has).
+    ood = np.square(activations[:, width:], dtype=np.float64) @ prepared["fused.ood"]
+    outside = ood[:, 1]
+    np.subtract(np.einsum("ij,ij->i", centred, centred, dtype=np.float64), outside, out=outside)
+    np.maximum(outside, 0.0, out=outside)
+    outside *= arch.input_dim
+    statistics = np.empty((len(centred), OOD_STATISTICS + NORM_STATISTICS), np.float32)
+    np.log1p(ood, out=statistics[:, :2])
+    twice_hidden = hidden_quality = None
+    if arch.hidden_dim:
+        twice_hidden = _twice_gelu(activations[:, rank:width])
+        residual = twice_hidden @ prepared["fused.residual"]
+        # A fresh contiguous array: BLAS is ~2x slower on a strided column slice.
+        coefficients = np.add(activations[:, :rank], residual[:, :rank])
+        if residual.shape[1] > rank:
+            hidden_quality = residual[:, rank:]
+    else:
+        coefficients = np.ascontiguousarray(activations[:, :rank])
+    # In place from here: the (n, output_dim) array is the largest one, and every extra
+    # temporary of it costs more memory traffic than the matmul saves.
+    target = coefficients @ prepared["decoder.weight"]
+    target += prepared["decoder.bias"]
+    norms = l2_normalize(target, inplace=True, return_norms=True)
+    # How far the map moved away from the mean: an uncertain regression shrinks toward it,
+    # so short outputs flag translations that are likely poor.
+    statistics[:, 2] = np.einsum("ij,ij->i", coefficients, coefficients)
+    np.sqrt(statistics[:, 2], out=statistics[:, 2])
+    statistics[:, 3] = norms
+    statistics[:, 2:] += _EPS
+    np.log(statistics[:, 2:], out=statistics[:, 2:])
+    return _Translation(target, statistics, twice_hidden, hidden_quality)
+
+
+def _forward_one(
+    row: np.ndarray, prepared: dict[str, np.ndarray], arch: ArchitectureConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`forward` for one row with a logistic head: vector products + Python floats.
+
+    For a single query, NumPy's per-call overhead dominates, so the scalar statistics are
+    computed on Python floats and only the three matrix products touch arrays.
+    """
+    rank, width = arch.basis_rank, arch.basis_rank + arch.hidden_dim
+    norm = max(math.sqrt(float(np.dot(row, row))), 1e-12)
+    centred = row * np.float32(1.0 / norm)
+    centred -= prepared["source_mean"]
+    activations = np.dot(centred, prepared["fused.weight"])
+    activations += prepared["fused.bias"]
+    whitened = activations[width:].astype(np.float64)
+    mahalanobis, inside = np.dot(whitened * whitened, prepared["fused.ood"]).tolist()
+    wide = centred.astype(np.float64)
+    outside = max(float(np.dot(wide, wide)) - inside, 0.0) * arch.input_dim
+    far, off = math.log1p(mahalanobis), math.log1p(outside)
+    if arch.hidden_dim:
+        residual = np.dot(_twice_gelu(activations[rank:width]), prepared["fused.residual"])
+        coefficients = activations[:rank] + residual[:rank]
+        quality_logit = float(residual[rank])
+    else:
+        coefficients = activations[:rank]
+        quality_logit = 0.0
+    target = np.dot(coefficients, prepared["decoder.weight"])
+    target += prepared["decoder.bias"]
+    target_norm = max(math.sqrt(float(np.dot(target, target))), 1e-12)
+    target *= np.float32(1.0 / target_norm)
+    coefficient_norm = math.sqrt(float(np.dot(coefficients, coefficients)))
+    q_far, q_off, q_coef, q_norm, g_far, g_off, _, _, q_bias, g_bias = prepared[
+        "fused.heads_scalars"
+    ].tolist()
+    quality_logit += q_far * far + q_off * off + q_bias
+    quality_logit += q_coef * math.log(coefficient_norm + 1e-12)
+    quality_logit += q_norm * math.log(target_norm + 1e-12)
+    gate_logit = g_far * far + g_off * off + g_bias
+    confidence = _scalar_sigmoid(quality_logit) * _scalar_sigmoid(gate_logit)
+    return target[None, :], np.array([confidence], dtype=np.float32)
 
 
 def translate_with_features(
@@ -156,42 +350,34 @@ def translate_with_features(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The translation plus the quality-head features and OOD statistics it produced.
 
+    In plain formulas (the fused code computes exactly this)::
+
+        centred = l2_normalize(source) - source_mean
+        a = centred @ encoder.weight + encoder.bias            # [basis | hidden]
+        hidden = gelu(a[:, rank:])
+        coefficients = a[:, :rank] + hidden @ residual.weight + residual.bias
+        output = coefficients @ decoder.weight + decoder.bias
+        target = output / |output|
+        whitened = centred @ ood.projection
+        ood = log1p([mean(whitened**2), d * max(|centred|**2 - whitened**2 @ ood.variance, 0)])
+        features = [hidden, ood, log(|coefficients| + eps), log(|output| + eps)]
+
     Returns:
         ``(target, features, ood)``: unit target vectors, ``(n, quality_feature_count)``
         head inputs and the ``(n, 2)`` OOD statistics. Training code fits the quality head
         and the gate on exactly these.
 
     """
-    centred = l2_normalize(source)
-    centred -= weights["source_mean"]
-    activations = centred @ weights["fused.weight"]
-    activations += weights["fused.bias"]
-    rank, width = arch.basis_rank, arch.basis_rank + arch.hidden_dim
-    # A column slice of `activations` is strided; BLAS is ~2x slower on it, so copy once.
-    coefficients = np.ascontiguousarray(activations[:, :rank])
-    ood = ood_statistics(centred, activations[:, width:], weights)
-    features = [ood]
-    if arch.hidden_dim:
-        hidden = gelu(activations[:, rank:width])
-        coefficients += hidden @ weights["residual.weight"]
-        coefficients += weights["residual.bias"]
-        features.insert(0, hidden)
-    # In-place bias and normalisation: the (n, output_dim) array is the largest one here,
-    # and every extra temporary of it costs more memory traffic than the matmul saves.
-    target = coefficients @ weights["decoder.weight"]
-    target += weights["decoder.bias"]
-    norms = l2_normalize(target, inplace=True, return_norms=True)
-    # How far the map moved away from the mean: an uncertain regression shrinks toward it,
-    # so short outputs flag translations that are likely poor.
-    coefficient_norms = np.sqrt(np.einsum("ij,ij->i", coefficients, coefficients))
-    features.append(np.log(np.stack([coefficient_norms, norms], axis=1) + _EPS))
-    return target, np.concatenate(features, axis=1), ood
+    run = _translate(source, weights, arch)
+    parts = [run.statistics]
+    if run.twice_hidden is not None:
+        parts.insert(0, 0.5 * run.twice_hidden)
+    return run.target, np.concatenate(parts, axis=1), run.statistics[:, :OOD_STATISTICS].copy()
 
 
 def ood_gate(ood: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
     """Near 1 inside the training distribution, falling toward 0 outside it."""
-    logits = ood @ weights["gate.weight"] + weights["gate.bias"][0]
-    return (1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))).astype(np.float32)
+    return sigmoid(ood @ weights["gate.weight"] + weights["gate.bias"][0])
 
 
 def coverage(token_counts: np.ndarray, arch: ArchitectureConfig) -> np.ndarray:
@@ -213,6 +399,4 @@ def quality_head(
     scaled = (features - weights["quality.feature_mean"]) / weights["quality.feature_scale"]
     if arch.quality_hidden_dim:
         scaled = gelu(scaled @ weights["quality.hidden.weight"] + weights["quality.hidden.bias"])
-    logits = scaled @ weights["quality.weight"] + weights["quality.bias"][0]
-    # Clip before exp so extreme logits give 0/1 instead of an overflow warning.
-    return (1.0 / (1.0 + np.exp(-np.clip(logits, -30.0, 30.0)))).astype(np.float32)
+    return sigmoid(scaled @ weights["quality.weight"] + weights["quality.bias"][0])
