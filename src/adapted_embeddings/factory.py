@@ -108,7 +108,7 @@ class PipelineOptions(BaseModel):
 
     def resolved_settings(self) -> AdaptedEmbeddingsSettings:
         """The settings with every keyword that was given applied on top."""
-        base = self.settings or AdaptedEmbeddingsSettings()
+        base = self.settings or AdaptedEmbeddingsSettings.load()
         if self.model and self.target and _bare(self.target) != _bare(self.model):
             raise ConfigurationError(
                 f"model={self.model!r} and target={self.target!r} disagree; give one of them"

@@ -2,19 +2,32 @@
 
 Nested groups use a double underscore in environment variables, e.g.
 ``ADAPTED_EMBEDDINGS_GATE__QUERY_THRESHOLD=0.6`` or ``ADAPTED_EMBEDDINGS_CACHE__ENABLED=false``.
-The provider key is also read from ``OPENAI_API_KEY`` and the base URL from ``OPENAI_BASE_URL``,
-as the official client does.
+The provider key is also read from ``OPENAI_API_KEY`` and the base URL from ``OPENAI_BASE_URL``
+(environment or ``.env``), as the official client does; the ``ADAPTED_EMBEDDINGS_PROVIDER__*``
+variables and explicit arguments take precedence over them.
+
+Build settings with :func:`load_settings`: a bad value or an unknown ``ADAPTED_EMBEDDINGS_*``
+variable then raises a one-line :class:`~adapted_embeddings.errors.ConfigurationError` naming
+the variable (or the ``.env`` line) and what it accepts.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from adapted_embeddings.errors import ConfigurationError
 
 Mode = Literal["hybrid", "local", "provider"]
 OnProviderError = Literal["raise", "local"]
@@ -190,12 +203,78 @@ class AdaptedEmbeddingsSettings(BaseSettings):
     provider: ProviderSettings = Field(default_factory=ProviderSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
 
-    @model_validator(mode="after")
-    def _read_openai_environment(self) -> AdaptedEmbeddingsSettings:
-        # Users of OpenAIEmbeddings already export these; honouring them makes the swap
-        # a one-line change.
-        if self.provider.api_key is None and os.environ.get("OPENAI_API_KEY"):
-            self.provider.api_key = SecretStr(os.environ["OPENAI_API_KEY"])
-        if self.provider.base_url is None and os.environ.get("OPENAI_BASE_URL"):
-            self.provider.base_url = os.environ["OPENAI_BASE_URL"]
-        return self
+    @classmethod
+    def load(cls, **values: Any) -> AdaptedEmbeddingsSettings:
+        """:func:`load_settings`: typed one-line errors instead of a ``ValidationError``."""
+        return load_settings(**values)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then ``ADAPTED_EMBEDDINGS_*`` (environment, ``.env``), then ``OPENAI_*``."""
+        openai = OpenAIEnvironmentSource(settings_cls, dotenv_settings)
+        return init_settings, env_settings, dotenv_settings, openai, file_secret_settings
+
+
+OPENAI_VARIABLES = {"OPENAI_API_KEY": "api_key", "OPENAI_BASE_URL": "base_url"}
+"""The official client's variables, and the provider setting each one fills."""
+
+
+class OpenAIEnvironmentSource(PydanticBaseSettingsSource):
+    """``OPENAI_API_KEY`` and ``OPENAI_BASE_URL`` from the environment, else from ``.env``.
+
+    Users of ``OpenAIEmbeddings`` already set these; honouring them makes the swap a
+    one-line change. The source comes after the library's own variables, so
+    ``ADAPTED_EMBEDDINGS_PROVIDER__API_KEY`` wins over ``OPENAI_API_KEY``.
+    """
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], dotenv: PydanticBaseSettingsSource
+    ) -> None:
+        """Read the environment now and ``.env`` through the settings' own dotenv source."""
+        super().__init__(settings_cls)
+        self._dotenv = dotenv
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: :meth:`__call__` returns the provider group directly."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        """``{"provider": {...}}`` with the values found, or nothing."""
+        from_file = getattr(self._dotenv, "env_vars", {})  # keys are lower case
+        values = {}
+        for variable, setting in OPENAI_VARIABLES.items():
+            value = os.environ.get(variable) or from_file.get(variable.lower())
+            if value:
+                values[setting] = value
+        return {"provider": values} if values else {}
+
+
+def load_settings(**values: Any) -> AdaptedEmbeddingsSettings:
+    """Read the settings (arguments over environment over ``.env``), checking every variable.
+
+    Raises:
+        ConfigurationError: One line naming the bad ``ADAPTED_EMBEDDINGS_*`` variable (or
+            the ``.env`` line, or the argument), what it accepts, and the near-miss name of
+            an unknown variable.
+
+    """
+    from adapted_embeddings.settings_check import (
+        check_variable_names,
+        describe_invalid,
+        describe_settings_error,
+    )
+
+    check_variable_names(AdaptedEmbeddingsSettings)
+    try:
+        return AdaptedEmbeddingsSettings(**values)
+    except ValidationError as exc:
+        raise ConfigurationError(describe_invalid(AdaptedEmbeddingsSettings, exc)) from None
+    except SettingsError as exc:  # a group given as a JSON value that does not parse
+        raise ConfigurationError(describe_settings_error(AdaptedEmbeddingsSettings, exc)) from None
