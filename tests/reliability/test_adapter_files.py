@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import struct
 import sys
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -144,7 +146,10 @@ def test_loading_opens_only_the_manifest_and_the_safetensors_file(copied: Path) 
 def test_truncated_weights_fail_the_hash_check(copied: Path) -> None:
     blob = weights_path(copied).read_bytes()
     replace_weights(copied, blob[: len(blob) // 2], update_hash=False)
-    assert "sha256" in load_error(copied) and "corrupt or was modified" in load_error(copied)
+    message = load_error(copied)
+    assert "sha256" in message and "corrupt or was modified" in message
+    # the refused file's own hash is never shown (it would fingerprint whatever it is)
+    assert hashlib.sha256(blob[: len(blob) // 2]).hexdigest() not in message
 
 
 @pytest.mark.parametrize("keep", [0, 7, 8, 200, 0.5, 0.999])
@@ -229,6 +234,7 @@ def test_non_finite_or_non_float_tensors_are_rejected(
         (lambda m: m["target"].update(dimensions=1536), "does not match the target space"),
         (lambda m: m["architecture"].update(input_dim=512), "input_dim 512"),
         (lambda m: m["architecture"].update(basis_rank=7), "has shape"),
+        (lambda m: m["architecture"].update(hidden_dim=200), "has shape"),
         (lambda m: m["architecture"].update(type="transformer"), "architecture.type"),
         (lambda m: m.update(format_version=2), "format_version"),
         (lambda m: m.update(unexpected_field=True), "unexpected_field"),
@@ -243,6 +249,7 @@ def test_non_finite_or_non_float_tensors_are_rejected(
         "target-dims",
         "input-dim",
         "rank-vs-weights",
+        "hidden-vs-weights",
         "unknown-architecture",
         "future-format",
         "extra-field",
@@ -293,3 +300,132 @@ def test_a_broken_adapter_does_not_hide_the_others_from_the_registry(
     (broken / MANIFEST).write_text("{")
     names = {entry.name for entry in list_adapters(extra_dirs=[copied.parent])}
     assert adapter.name in names
+
+
+# -- hostile files: symlinks, pipes, devices and huge files are refused before reading ---
+
+
+def loads_within(directory: Path, seconds: float, unblock: Path | None = None) -> str:
+    """The AdapterLoadError message of loading ``directory`` in a worker thread; fails if it
+    takes longer than ``seconds`` (then opens ``unblock``, a FIFO, for writing so that a
+    reader stuck in open() returns and the thread can end)."""
+    outcome: dict[str, BaseException] = {}
+
+    def load() -> None:
+        try:
+            Adapter.load(directory)
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        if unblock is not None:
+            with contextlib.suppress(OSError):
+                os.close(os.open(unblock, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail(f"loading {directory} did not finish within {seconds} s")
+    error = outcome.get("error")
+    assert isinstance(error, AdapterLoadError), f"expected AdapterLoadError, got {error!r}"
+    return str(error)
+
+
+def point_at(link: Path, target: str | Path) -> None:
+    link.unlink()
+    link.symlink_to(target)
+
+
+def test_weights_symlinked_to_dev_zero_are_refused(copied: Path) -> None:
+    point_at(weights_path(copied), "/dev/zero")
+    message = loads_within(copied, 10)
+    assert "adapter weights file" in message and "is a symbolic link" in message
+
+
+def test_a_weights_fifo_is_refused_without_hanging(copied: Path) -> None:
+    path = weights_path(copied)
+    path.unlink()
+    os.mkfifo(path)
+    message = loads_within(copied, 10, unblock=path)
+    assert str(path) in message and "FIFO" in message
+
+
+def test_a_manifest_fifo_is_refused_and_does_not_hang_the_listing(copied: Path) -> None:
+    manifest = copied / MANIFEST
+    manifest.unlink()
+    os.mkfifo(manifest)
+    assert "FIFO" in loads_within(copied, 10, unblock=manifest)
+    listed: list[Path] = []
+    worker = threading.Thread(
+        target=lambda: listed.extend(e.path for e in list_adapters(extra_dirs=[copied.parent])),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(manifest, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("list_adapters hung on a FIFO manifest")
+    assert listed and copied not in listed  # the others are listed, the FIFO one skipped
+
+
+def test_a_3_gb_sparse_weights_file_is_refused_before_reading(copied: Path) -> None:
+    path = weights_path(copied)
+    with path.open("r+b") as handle:
+        handle.truncate(3 * 10**9)  # sparse: costs no disk, would cost 3 GB of memory
+    tracemalloc.start()
+    try:
+        message = loads_within(copied, 10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "3,000,000,000 bytes" in message and "declared architecture" in message
+    assert peak < 50 * 2**20, f"loading allocated {peak / 2**20:.0f} MiB"
+
+
+def test_an_architecture_inflated_to_admit_a_huge_file_is_still_capped(copied: Path) -> None:
+    manifest = manifest_of(copied)
+    for space in ("source", "target"):
+        manifest[space]["dimensions"] = 200_000
+    manifest["architecture"].update(input_dim=200_000, output_dim=200_000, basis_rank=20_000)
+    write_manifest(copied, manifest)
+    with weights_path(copied).open("r+b") as handle:
+        handle.truncate(3 * 10**9)
+    message = loads_within(copied, 10)
+    assert "3,000,000,000 bytes" in message and f"{2**30:,}" in message
+
+
+def test_an_oversized_manifest_is_refused_before_parsing(copied: Path) -> None:
+    manifest = copied / MANIFEST
+    manifest.write_bytes(manifest.read_bytes() + b" " * 2 * 2**20)  # still valid JSON
+    message = loads_within(copied, 10)
+    assert MANIFEST in message and "refusing to read it" in message
+
+
+@pytest.mark.parametrize("which", ["manifest", "weights"])
+def test_symlinks_to_etc_passwd_are_refused_and_nothing_about_the_target_is_shown(
+    copied: Path, which: str
+) -> None:
+    target = Path("/etc/passwd")
+    link = copied / MANIFEST if which == "manifest" else weights_path(copied)
+    point_at(link, target)
+    message = loads_within(copied, 10)
+    assert str(link) in message and "is a symbolic link" in message
+    assert hashlib.sha256(target.read_bytes()).hexdigest() not in message
+    assert target.read_text().splitlines()[0] not in message  # nor any of its content
+
+
+def test_a_symlink_to_a_valid_copy_of_the_weights_is_refused_too(copied: Path) -> None:
+    """Even a link to the right bytes: the directory must hold the file itself."""
+    path = weights_path(copied)
+    elsewhere = copied.parent / "weights-elsewhere.safetensors"
+    shutil.copyfile(path, elsewhere)
+    point_at(path, elsewhere)
+    assert "is a symbolic link" in loads_within(copied, 10)
+
+
+def test_weights_that_are_a_directory_are_refused(copied: Path) -> None:
+    path = weights_path(copied)
+    path.unlink()
+    path.mkdir()
+    assert "is a directory" in loads_within(copied, 10)
