@@ -327,7 +327,7 @@ def open_space(bind: Bind, target: Target, space: EmbeddingSpace | str) -> bool:
     with transaction(bind) as conn:
         recorded = target.read(conn)
         if recorded is not None:  # the most telling message first: both spaces by name
-            ensure_same_space(recorded, space, what=f"vectors for {target.describe()}")
+            ensure_same_space(recorded, space, what=f"vectors to use with {target.describe()}")
         width = _declared_width(conn, target)
         if width is not None and width != space.dimensions:
             raise SpaceMismatchError(
@@ -338,7 +338,7 @@ def open_space(bind: Bind, target: Target, space: EmbeddingSpace | str) -> bool:
             target.write(conn, space)
             recorded = target.read(conn)  # another writer may have been first
         if recorded is not None:
-            ensure_same_space(recorded, space, what=f"vectors for {target.describe()}")
+            ensure_same_space(recorded, space, what=f"vectors to use with {target.describe()}")
             return True
         rows = target.row_count(conn)
     warnings.warn(
