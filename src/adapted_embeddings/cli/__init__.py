@@ -4,12 +4,17 @@ Every command is a thin shell over the library: the same settings (``ADAPTED_EMB
 ``.env``), the same pipeline, the same errors.
 """
 
-from adapted_embeddings.cli import (  # noqa: F401  (importing registers the commands)
+from adapted_embeddings.extras import exit_unless_cli_installed
+
+exit_unless_cli_installed()  # without typer: the pip line, not a traceback
+
+from adapted_embeddings.cli import (  # noqa: F401, E402  (importing registers the commands)
     adapter_commands,
     embed_command,
+    serve_command,
     system_commands,
     training_commands,
 )
-from adapted_embeddings.cli.app import app, main
+from adapted_embeddings.cli.app import app, main  # noqa: E402
 
 __all__ = ["app", "main"]
