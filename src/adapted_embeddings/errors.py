@@ -53,3 +53,7 @@ class ProviderError(AdaptedEmbeddingsError, RuntimeError):
 
 class ProviderResponseError(ProviderError):
     """The provider answered, but with something that is not a valid set of embeddings."""
+
+
+class MissingExtraError(ConfigurationError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` line."""

@@ -14,10 +14,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.embeddings import Embeddings
-from pydantic import ConfigDict
+from adapted_embeddings.extras import require
 
-from adapted_embeddings.factory import PipelineOptions
+require(
+    "langchain_core",
+    "langchain",
+    needed_for="adapted_embeddings.langchain",
+    package="langchain-core",
+)
+
+from langchain_core.embeddings import Embeddings  # noqa: E402  (after the check above)
+from pydantic import ConfigDict  # noqa: E402
+
+from adapted_embeddings.factory import PipelineOptions  # noqa: E402
 
 
 class AdaptedEmbeddings(PipelineOptions, Embeddings):

@@ -15,10 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import ConfigDict, Field
+from adapted_embeddings.extras import require
 
-from adapted_embeddings.factory import PipelineOptions
+require(
+    "llama_index.core",
+    "llama-index",
+    needed_for="adapted_embeddings.llama_index",
+    package="llama-index-core",
+)
+
+from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding  # noqa: E402
+from pydantic import ConfigDict, Field  # noqa: E402
+
+from adapted_embeddings.factory import PipelineOptions  # noqa: E402
 
 
 class AdaptedEmbeddings(BaseEmbedding, PipelineOptions):
