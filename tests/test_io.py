@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adapted_embeddings.errors import InvalidInputError
 from adapted_embeddings.io import InputFileError, check_texts, read_text_lines, read_text_records
 
 
@@ -65,7 +66,6 @@ def test_limit_reads_only_the_first_rows(tmp_path: Path) -> None:
         ("t.jsonl", '["a"]\n', {}, "line 1 is a JSON list"),
         ("t.jsonl", '{"text": 3}\n', {}, "row 1: column 'text' holds a int"),
         ("t.jsonl", '{"text": null}\n', {}, "row 1: column 'text' is empty"),
-        ("t.jsonl", '{"text": "\\ud800"}\n', {}, "lone surrogate"),
         (
             "t.jsonl",
             '{"text": "a", "v": [1, 2]}\n{"text": "b", "v": [1]}\n',
@@ -124,5 +124,21 @@ def test_text_lines_refuse_empty_and_non_utf8() -> None:
 
 def test_check_texts_names_the_bad_one() -> None:
     assert check_texts(["a", "é"]) == ["a", "é"]
-    with pytest.raises(InputFileError, match="--text #2"):
+    with pytest.raises(InvalidInputError, match="--text #2 is not valid Unicode"):
         check_texts(["a", "b\udcff"], what="--text")
+
+
+def test_a_lone_surrogate_is_the_same_error_in_a_file_and_in_the_pipeline(
+    tmp_path: Path,
+) -> None:
+    from adapted_embeddings.pipeline import _deduplicate
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "\\ud800"}\n', encoding="utf-8")
+    with pytest.raises(InvalidInputError) as from_file:
+        read_text_records(path)
+    assert f"{path} row 2: column 'text' is not valid Unicode" in str(from_file.value)
+    assert "lone surrogate '\\ud800' at character 0" in str(from_file.value)
+    with pytest.raises(InvalidInputError) as from_pipeline:
+        _deduplicate(["ok", "\ud800"])
+    assert "texts[1] is not valid Unicode" in str(from_pipeline.value)

@@ -4,13 +4,17 @@ The top level exports the parts every user touches; the framework integrations l
 :mod:`adapted_embeddings.langchain` and :mod:`adapted_embeddings.llama_index`.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from adapted_embeddings.adapter import Adapter, AdapterManifest
 from adapted_embeddings.errors import (
     AdaptedEmbeddingsError,
     AdapterLoadError,
     AdapterNotFoundError,
     ConfigurationError,
+    InvalidInputError,
     InvalidVectorError,
+    MissingExtraError,
     ProviderError,
     ProviderResponseError,
     SpaceMismatchError,
@@ -18,7 +22,10 @@ from adapted_embeddings.errors import (
 )
 from adapted_embeddings.spaces import EmbeddingSpace, ensure_same_space
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("adapted-embeddings")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AdaptedEmbeddingsError",
@@ -28,7 +35,9 @@ __all__ = [
     "AdapterNotFoundError",
     "ConfigurationError",
     "EmbeddingSpace",
+    "InvalidInputError",
     "InvalidVectorError",
+    "MissingExtraError",
     "ProviderError",
     "ProviderResponseError",
     "SpaceMismatchError",
