@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from adapted_embeddings.errors import AdaptedEmbeddingsError
+from adapted_embeddings.text_checks import check_encodable
 
 FileFormat = Literal["csv", "tsv", "jsonl", "parquet"]
 
@@ -99,6 +100,7 @@ def read_text_records(
         InputFileError: If the file is missing or unreadable, a column is absent (the message
             lists the columns that exist), the file has no rows, a text cell is missing or not
             a string, or a vector is not a finite list of numbers of the same width as the rest.
+        InvalidInputError: If a text holds a lone surrogate (no UTF-8 form).
 
     """
     path = Path(path)
@@ -142,27 +144,13 @@ def check_texts(texts: Sequence[str], *, what: str = "texts") -> list[str]:
     position of the offending text.
 
     Raises:
-        InputFileError: Naming the first bad text (1-based).
+        InvalidInputError: Naming the first bad text (1-based), as the pipeline does.
 
     """
     checked = list(texts)
     for number, text in enumerate(checked, start=1):
-        if not _encodable(text):
-            raise InputFileError(f"{what} #{number} {_SURROGATE_MESSAGE}")
+        check_encodable(text, f"{what} #{number}")
     return checked
-
-
-_SURROGATE_MESSAGE = (
-    "is not valid Unicode text (it holds a lone surrogate, e.g. from bytes that are not UTF-8)"
-)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def read_text_lines(data: bytes, *, source: str = "<stdin>") -> list[str]:
@@ -277,8 +265,7 @@ def _read_parquet(path: Path, wanted: list[str], limit: int | None) -> tuple[lis
 
 def _text_cell(value: Any, path: Path, number: int, column: str) -> str:
     if isinstance(value, str):
-        if not _encodable(value):
-            raise InputFileError(f"{path} row {number}: column {column!r} {_SURROGATE_MESSAGE}")
+        check_encodable(value, f"{path} row {number}: column {column!r}")
         return value
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise InputFileError(f"{path} row {number}: column {column!r} is empty")
