@@ -8,6 +8,7 @@ single-row fast path and the training entry point ``translate_with_features``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -116,6 +117,7 @@ def probe_vectors(weights: dict[str, np.ndarray], rows: int, seed: int = 0) -> n
     return batch
 
 
+@functools.cache
 def shipped() -> list[Adapter]:
     return [Adapter.load(entry.path) for entry in list_adapters()]
 

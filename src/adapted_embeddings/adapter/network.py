@@ -271,7 +271,8 @@ def _translate(
     # (Mahalanobis distance, energy inside the subspace), then the energy outside it. The
     # outside energy is a small difference of two numbers near 1, so these two sums are
     # taken in float64 (float32 sums would lose about 3 of the 7 digits it has).
-    ood = np.square(activations[:, width:], dtype=np.float64) @ prepared["fused.ood"]
+    whitened = activations[:, width:].astype(np.float64)
+    ood = np.square(whitened, out=whitened) @ prepared["fused.ood"]
     outside = ood[:, 1]
     np.subtract(np.einsum("ij,ij->i", centred, centred, dtype=np.float64), outside, out=outside)
     np.maximum(outside, 0.0, out=outside)
