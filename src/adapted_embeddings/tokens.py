@@ -27,8 +27,18 @@ class TokenCounter(Protocol):
         ...
 
 
+# The tokenizer refuses inputs of 1,000,000 characters or 200,000 tokens. A character is at
+# most 4 UTF-8 bytes, so at most 4 tokens: pieces of this many characters always encode.
+_PIECE_CHARS = 40_000
+
+
 class Cl100kCounter:
-    """Exact counts with the ``cl100k_base`` encoding (ada-002 and text-embedding-3-*)."""
+    """Counts with the ``cl100k_base`` encoding (ada-002 and text-embedding-3-*).
+
+    Texts up to 40,000 characters are counted exactly. Longer ones (the tokenizer refuses a
+    whole megabyte) are encoded in 40,000-character pieces: a token never spans two
+    pieces, so the count may be a few tokens high at the seams, never low in practice.
+    """
 
     def __init__(self) -> None:
         """Load the bundled encoding (about 40 ms, once per process)."""
@@ -38,14 +48,20 @@ class Cl100kCounter:
 
     def count(self, text: str) -> int:
         """Number of tokens in ``text``."""
-        return len(self._encoding.encode_ordinary(text))
+        return sum(len(self._encoding.encode_ordinary(piece)) for piece in _pieces(text))
 
     def truncate(self, text: str, max_tokens: int) -> str:
         """The longest prefix of ``text`` with at most ``max_tokens`` tokens."""
-        tokens = self._encoding.encode_ordinary(text)
-        if len(tokens) <= max_tokens:
-            return text
-        return str(self._encoding.decode(tokens[:max_tokens]))
+        tokens: list[int] = []
+        for piece in _pieces(text):  # stop encoding once the limit is passed
+            tokens += self._encoding.encode_ordinary(piece)
+            if len(tokens) > max_tokens:
+                return str(self._encoding.decode(tokens[:max_tokens]))
+        return text
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[i : i + _PIECE_CHARS] for i in range(0, len(text), _PIECE_CHARS)] or [text]
 
 
 class ByteCounter:

@@ -51,6 +51,16 @@ class Fault(enum.Enum):
     NAN = "NaN in a vector"
     UNAUTHORIZED = "401 invalid key"
     REDIRECT = "3xx redirect to another host"
+    TRICKLE = "a valid answer sent a few bytes at a time over trickle_seconds"
+    HTML = "200 with a captive portal's HTML page"
+    NULL_BODY = "200 with the JSON null"
+    LIST_BODY = "200 with a JSON list"
+    ERROR_200 = "200 whose body is an error object"
+    HUGE = "200 with a body of huge_bytes, length not declared"
+    HUGE_DECLARED = "200 declaring a Content-Length of huge_bytes"
+    ECHO_AUTH = "401 whose message echoes the Authorization header"
+    ZERO_VECTOR = "one all-zero vector"
+    SCALED = "vectors of norm 1000"
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,9 @@ class FaultServer:
         self.slow_seconds = 2.0
         self.redirect_to = "http://127.0.0.2:9/v1/embeddings"
         self.redirect_status = 307
+        self.trickle_seconds = 4.0
+        self.huge_bytes = 50 * 1024 * 1024
+        self.body_bytes_sent = 0  # bytes of HUGE bodies actually written
         self.poison: dict[str, Fault] = {}
         self.requests: list[RecordedRequest] = []
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request, GETs too
@@ -232,7 +245,16 @@ class _FaultHandler(BaseHTTPRequestHandler):
 
     def _respond(self, fault: Fault, texts: list[str], as_base64: bool) -> None:
         owner = self.owner
-        if fault is Fault.RATE_LIMIT:
+        if fault in _BODY_FAULTS:
+            self._raw(200, _BODY_FAULTS[fault], {"Content-Type": _content_type(fault)})
+        elif fault is Fault.ECHO_AUTH:
+            echoed = f"invalid credentials: {self.headers.get('Authorization')}"
+            self._json(401, _error(echoed, "invalid_request_error"))
+        elif fault in (Fault.HUGE, Fault.HUGE_DECLARED):
+            self._huge(declared=fault is Fault.HUGE_DECLARED)
+        elif fault is Fault.TRICKLE:
+            self._trickle(texts)
+        elif fault is Fault.RATE_LIMIT:
             self._json(429, _error("rate limit reached", "rate_limit"), owner.retry_after)
         elif fault is Fault.SERVER_ERROR:
             self._json(500, _error("internal error", "server_error"))
@@ -265,6 +287,11 @@ class _FaultHandler(BaseHTTPRequestHandler):
             vectors[len(vectors) // 2, 7] = math.nan
         elif fault is Fault.WRONG_COUNT:
             vectors = vectors[:-1]
+        elif fault is Fault.ZERO_VECTOR:
+            vectors = vectors.copy()
+            vectors[len(vectors) // 2] = 0.0
+        elif fault is Fault.SCALED:
+            vectors = vectors * 1000.0
         data = [
             {
                 "object": "embedding",
@@ -286,6 +313,51 @@ class _FaultHandler(BaseHTTPRequestHandler):
             },
         )
 
+    def _trickle(self, texts: list[str]) -> None:
+        """A healthy answer, but its body dribbles out over ``trickle_seconds``."""
+        vectors = self.owner.model.query(texts)
+        data = [
+            {"object": "embedding", "index": i, "embedding": v.tolist()}
+            for i, v in enumerate(vectors)
+        ]
+        body = json.dumps({"object": "list", "data": data, "model": MODEL_NAME}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        pieces = 40
+        step = math.ceil(len(body) / pieces)
+        pause = self.owner.trickle_seconds / pieces
+        try:
+            for start in range(0, len(body), step):
+                self.wfile.write(body[start : start + step])
+                self.wfile.flush()
+                if self.owner._stopping.wait(pause):
+                    return
+        except OSError:  # the client gave up: what the deadline is for
+            self.close_connection = True
+
+    def _huge(self, *, declared: bool) -> None:
+        """A 200 whose body goes on for ``huge_bytes`` (a misbehaving proxy or server)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if declared:
+            self.send_header("Content-Length", str(self.owner.huge_bytes))
+        else:
+            self.send_header("Connection", "close")  # the body ends when the server closes
+        self.end_headers()
+        self.close_connection = True
+        chunk = b'{"object": "list", "data": [' + b" " * (1024 * 1024)
+        try:
+            sent = 0
+            while sent < self.owner.huge_bytes:
+                self.wfile.write(chunk)
+                sent += len(chunk)
+                with self.owner._lock:
+                    self.owner.body_bytes_sent += len(chunk)
+        except OSError:  # the client refused the rest: what the cap is for
+            pass
+
     def _reset_mid_response(self) -> None:
         """Promise a long body, send part of it, then abort the TCP connection (RST)."""
         self.send_response(200)
@@ -305,13 +377,27 @@ class _FaultHandler(BaseHTTPRequestHandler):
         self._raw(status, json.dumps(payload, allow_nan=True).encode(), headers)
 
     def _raw(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        headers = {"Content-Type": "application/json", **(headers or {})}
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
+        for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+
+_BODY_FAULTS: dict[Fault, bytes] = {
+    Fault.HTML: b"<html><head><title>Hotel Wi-Fi</title></head><body>Please log in</body></html>",
+    Fault.NULL_BODY: b"null",
+    Fault.LIST_BODY: b'[{"embedding": [0.1]}]',
+    Fault.ERROR_200: json.dumps(
+        {"error": {"message": "model is overloaded, try again later", "type": "server_error"}}
+    ).encode(),
+}
+
+
+def _content_type(fault: Fault) -> str:
+    return "text/html; charset=utf-8" if fault is Fault.HTML else "application/json"
 
 
 def _error(message: str, kind: str) -> dict[str, Any]:
