@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -314,3 +314,104 @@ def _vector_cell(
     if not np.isfinite(vector).all():
         raise InputFileError(f"{prefix} holds NaN or Inf")
     return vector
+
+
+# -- streaming rows, for corpora too big to hold in memory ------------------------------
+
+
+def iter_file_rows(
+    path: str | Path, *, file_format: FileFormat | None = None
+) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
+    """Stream the rows of a CSV, TSV or JSONL file without reading it whole.
+
+    Row numbers follow :func:`read_text_records`: the data row for CSV/TSV (1 is the row
+    after the header), the line for JSONL (blank lines are skipped). Parquet is streamed
+    with pyarrow instead (see :mod:`adapted_embeddings.datasets`).
+
+    Returns:
+        The columns known before the first row (the CSV header; none for JSONL, whose
+        records may each add keys) and an iterator of ``(row number, row)``.
+
+    Raises:
+        InputFileError: If the file is missing or unreadable, or (while iterating) a line is
+            not valid JSON or a JSON object, or the bytes are not UTF-8.
+
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"input file not found: {path}")
+    if path.is_dir():
+        raise InputFileError(f"input path is a directory, not a file: {path}")
+    fmt = file_format or detect_format(path)
+    if fmt == "parquet":
+        raise InputFileError(f"{path}: stream Parquet files with pyarrow, not iter_file_rows")
+    if fmt == "jsonl":
+        return [], _iter_jsonl(path)
+    delimiter = "," if fmt == "csv" else "\t"
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), [])
+    except UnicodeDecodeError as exc:
+        raise InputFileError(
+            f"{path} is not valid UTF-8 (bad byte at offset {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return list(header), _iter_delimited(path, delimiter)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        with path.open(encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputFileError(
+                        f"{path} line {number} is not valid JSON: {exc.msg}"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise InputFileError(
+                        f"{path} line {number} is a JSON {type(record).__name__}, expected an "
+                        'object such as {"text": "..."}'
+                    )
+                yield number, record
+    except UnicodeDecodeError as exc:
+        raise InputFileError(
+            f"{path} is not valid UTF-8 (bad byte at offset {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _iter_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            try:
+                for number, row in enumerate(reader, start=1):
+                    row.pop(None, None)  # cells beyond the header have no column to go to
+                    yield number, row
+            except csv.Error as exc:
+                raise InputFileError(
+                    f"{path} is not valid CSV (line {reader.line_num}): {exc}"
+                ) from None
+    except UnicodeDecodeError as exc:
+        raise InputFileError(
+            f"{path} is not valid UTF-8 (bad byte at offset {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def check_text_cell(value: Any, *, where: str, number: int, column: str) -> str:
+    """Return ``value`` if it is text that can be embedded, else raise naming the row.
+
+    Raises:
+        InputFileError: ``"{where} row {number}: column ... is empty"`` (or holds a
+            non-string, or invalid Unicode).
+
+    """
+    return _text_cell(value, Path(where), number, column)

@@ -10,6 +10,7 @@ exit_unless_cli_installed()  # without typer: the pip line, not a traceback
 
 from adapted_embeddings.cli import (  # noqa: F401, E402  (importing registers the commands)
     adapter_commands,
+    dataset_command,
     embed_command,
     serve_command,
     system_commands,

@@ -1,0 +1,231 @@
+"""``embed-dataset``: Parquet, JSONL or CSV files in, embedded Parquet files out, resumably."""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from adapted_embeddings.cli.adapter_commands import adapter_location
+from adapted_embeddings.cli.app import app, handle_errors
+from adapted_embeddings.cli.embed_command import CLI_HINT, ModeChoice, RoleChoice
+from adapted_embeddings.errors import ConfigurationError
+
+
+class EngineChoice(str, Enum):
+    """Where the embedding runs."""
+
+    local = "local"
+    ray = "ray"
+
+
+@app.command("embed-dataset")
+@handle_errors
+def embed_dataset_command(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="Parquet, JSONL or CSV/TSV files (by extension).", show_default=False),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Directory for the Parquet output (created; resumable)."
+        ),
+    ],
+    text_column: Annotated[
+        str, typer.Option("--text-column", "-c", help="Column holding the texts.")
+    ] = "text",
+    engine: Annotated[
+        EngineChoice,
+        typer.Option(help="local: in this process, no Ray needed; ray: Ray Data actors."),
+    ] = EngineChoice.local,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster (host:port, ray://host:port, auto). Default: start one."),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(min=1, help="Ray actors (each loads the model once). Default: CPUs / cpus."),
+    ] = None,
+    cpus_per_actor: Annotated[
+        float, typer.Option(min=0.1, help="CPUs (and model threads) per Ray actor.")
+    ] = 1.0,
+    rows_per_file: Annotated[
+        int, typer.Option(min=1, help="Rows per output file: the unit of work and of resuming.")
+    ] = 10_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per pipeline call.")] = 256,
+    provider_concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, help="Ray: provider requests in flight at once, cluster-wide."),
+    ] = None,
+    provider_tokens_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="Ray: provider tokens per minute, cluster-wide.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Local model (default from settings: all-MiniLM-L6-v2).")
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="Target model or space id (default: text-embedding-ada-002)."),
+    ] = None,
+    flavor: Annotated[str | None, typer.Option(help="Adapter flavor, e.g. mlp.")] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="Adapter name or directory, instead of a lookup by source/target."),
+    ] = None,
+    mode: Annotated[
+        ModeChoice | None,
+        typer.Option("--mode", "-m", help="hybrid, local or provider (default from settings)."),
+    ] = None,
+    role: Annotated[RoleChoice, typer.Option(help="query or document.")] = RoleChoice.document,
+    threshold: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Confidence needed to keep a local vector."),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option(help="OpenAI-compatible provider URL; the key is read from OPENAI_API_KEY."),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Embedding cache directory (per node).")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option(help="Neither read nor write the cache.")] = False,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")
+    ] = True,
+) -> None:
+    """Embed the text column of files into Parquet, with the space in each file's metadata.
+
+    Every input column is kept; ``embedding``, ``confidence`` and ``route`` are added. The
+    output directory gets one file per ROWS_PER_FILE rows of each input, each written
+    atomically, so a killed run restarted with the same arguments skips the files already
+    written (with either engine). Inputs are checked completely before any embedding.
+    """
+    from adapted_embeddings.datasets import embed_files, prepare_run
+    from adapted_embeddings.ray import resolve_target_space
+
+    keywords: dict[str, Any] = {
+        "source": source,
+        "target": target,
+        "flavor": flavor,
+        "adapter": adapter_location(adapter) if adapter else None,
+        "mode": mode.value if mode else None,
+        "query_threshold": threshold if role is RoleChoice.query else None,
+        "document_threshold": threshold if role is RoleChoice.document else None,
+        "base_url": base_url,
+        "cache": False if no_cache else None,
+        "cache_dir": cache_dir,
+    }
+    keywords = {name: value for name, value in keywords.items() if value is not None}
+    try:
+        space = resolve_target_space(keywords)
+    except ConfigurationError as exc:
+        raise ConfigurationError(str(exc) + "." + CLI_HINT) from exc
+    tasks = prepare_run(
+        inputs,
+        output,
+        space=space,
+        text_column=text_column,
+        role=role.value,
+        rows_per_file=rows_per_file,
+    )
+    total = sum(t.rows for t in tasks)
+    skipped = sum(t.rows for t in tasks if t.done)
+    started = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total,
+        initial=skipped,
+        unit="text",
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    ) as bar:
+        if engine is EngineChoice.local:
+            from adapted_embeddings.factory import PipelineOptions
+
+            pipeline = PipelineOptions(**keywords).build_pipeline()
+            summary = embed_files(
+                tasks,
+                pipeline,
+                text_column=text_column,
+                role=role.value,
+                rows_per_file=rows_per_file,
+                batch_size=batch_size,
+                on_progress=bar.update,
+            )
+        else:
+            summary = _run_on_ray(
+                tasks,
+                keywords,
+                text_column=text_column,
+                role=role.value,
+                rows_per_file=rows_per_file,
+                batch_size=batch_size,
+                address=ray_address,
+                actors=actors,
+                cpus_per_actor=cpus_per_actor,
+                provider_concurrency=provider_concurrency,
+                provider_tokens_per_minute=provider_tokens_per_minute,
+                on_progress=bar.update,
+            )
+    seconds = time.perf_counter() - started
+    routes = ", ".join(f"{count} {route}" for route, count in summary.routes.items())
+    rate = f" ({summary.rows / seconds:.0f} texts/s)" if summary.rows and seconds > 0 else ""
+    typer.echo(
+        f"{summary.rows} texts embedded into {summary.files_written} files in {seconds:.1f} s"
+        f"{rate}: {routes}"
+    )
+    if summary.files_skipped:
+        typer.echo(
+            f"{summary.rows_skipped} texts in {summary.files_skipped} files were already done "
+            "(skipped)"
+        )
+    typer.echo(f"space {space.id} · output {output}")
+
+
+def _run_on_ray(
+    tasks: Any,
+    keywords: dict[str, Any],
+    *,
+    address: str | None,
+    actors: int | None,
+    cpus_per_actor: float,
+    on_progress: Any,
+    **options: Any,
+) -> Any:
+    """Run the pending tasks on Ray actors; a Ray instance started here is stopped after."""
+    from adapted_embeddings.datasets import RunSummary
+    from adapted_embeddings.ray import connect, embed_tasks, require_ray
+
+    ray = require_ray()
+    started_here = not ray.is_initialized()
+    connect(address, log_to_driver=False)
+    try:
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        if actors is None:
+            cpus = float(ray.cluster_resources().get("CPU", 1.0))
+            actors = max(1, int(cpus // cpus_per_actor))
+        summary = RunSummary(
+            files_skipped=sum(1 for t in tasks if t.done),
+            rows_skipped=sum(t.rows for t in tasks if t.done),
+        )
+        for written in embed_tasks(
+            tasks, keywords=keywords, concurrency=actors, num_cpus=cpus_per_actor, **options
+        ):
+            summary.add({route: count for route, count in written.items() if route != "rows"})
+            on_progress(written["rows"])
+        return summary
+    finally:
+        if started_here:
+            ray.shutdown()
