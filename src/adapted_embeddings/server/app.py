@@ -280,11 +280,10 @@ def _parse(body: bytes) -> EmbeddingRequest:
 def _describe_invalid(exc: ValidationError) -> OpenAIStyleError:
     errors = exc.errors(include_url=False)
     first = errors[0]
-    if first["type"] == "json_invalid" or (not first["loc"] and first["type"] == "model_type"):
-        return bad_request(
-            "We could not parse the JSON body of your request. The body must be a JSON "
-            "object with 'input' and 'model'."
-        )
+    if first["type"] == "json_invalid":
+        return bad_request(f"We could not parse the JSON body of your request: {first['msg']}.")
+    if not first["loc"]:
+        return bad_request("The request body must be a JSON object with 'input' and 'model'.")
     field = str(first["loc"][0])
     if first["type"] == "missing":
         return bad_request(f"You must provide the '{field}' parameter.", param=field)
