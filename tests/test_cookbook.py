@@ -100,3 +100,15 @@ def test_script_05_train_your_own(tmp_path: Path) -> None:
     assert "my-jeopardy-linear, 20% routed" in out and "built-in minilm-l6-to-ada-002" in out
     assert (tmp_path / "mine" / "adapter.json").is_file()
     assert "5. AdaptedEmbeddings(adapter=...): 1536-d vector" in out
+
+
+def test_script_06_postgres_rag(tmp_path: Path) -> None:
+    out = run_script("06_postgres_rag.py", "--rows", "300", "--queries", "3", tmp_path=tmp_path)
+    assert "ingested 300 clues with their real ada-002 vectors" in out
+    assert "UnrecordedSpaceWarning: collection 'jeopardy_ada002' holds 300 vectors" in out
+    assert "-> passed" in out
+    assert "stamped: collection 'jeopardy_ada002' records openai/text-embedding-ada-002@1536" in out
+    assert "agreement with native ada-002 queries (3 held-out questions, k=5)" in out
+    assert "routes taken: local 3" in out
+    assert "pgvector search" in out and "HNSW index build" in out
+    assert out.count("SpaceMismatchError: ") == 2
