@@ -15,9 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
+import corpus_encoders
 import numpy as np
 
-from adapted_embeddings.training import corpora, local_encoders
+from adapted_embeddings.training import corpora
 
 HYPOTHESES = {
     "class+answer+question": corpora.JEOPARDY_EMBEDDED_FORMAT,
@@ -57,7 +58,7 @@ def main() -> None:
     per_row = {}
     for name, text_format in HYPOTHESES.items():
         texts = [corpora.jeopardy_text(r, text_format) for r in jeopardy.records]
-        x = local_encoders.encode("minilm", texts, cache_dir=args.cache_dir).astype(np.float64)
+        x = corpus_encoders.encode("minilm", texts, cache_dir=args.cache_dir).astype(np.float64)
         per_row[name] = ridge_centred_cosine(x, ada, train, args.alpha)
     best = max(per_row, key=lambda n: per_row[n].mean())
     results = {}
@@ -79,10 +80,12 @@ def main() -> None:
     round_accuracy = {
         "ada-002 vectors": round_classifier_accuracy(ada, rounds, train),
         "MiniLM, text without round": round_classifier_accuracy(
-            local_encoders.encode("minilm", jeopardy.texts, cache_dir=args.cache_dir), rounds, train
+            corpus_encoders.encode("minilm", jeopardy.texts, cache_dir=args.cache_dir),
+            rounds,
+            train,
         ),
         "MiniLM, text with round": round_classifier_accuracy(
-            local_encoders.encode("minilm", with_round, cache_dir=args.cache_dir), rounds, train
+            corpus_encoders.encode("minilm", with_round, cache_dir=args.cache_dir), rounds, train
         ),
     }
     print("\nround read back by a logistic classifier (test accuracy):")

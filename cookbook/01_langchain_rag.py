@@ -7,6 +7,9 @@ local model and translates it into ada-002's space, so the existing index answer
 
 Queries are the 2,000 held-out Jeopardy rows (index % 5 == 0), whose true ada-002 vectors are
 known, so the script can show how far the adapted query retrieves what the real one would.
+Each query is ``corpus.texts[row]``: the exact string OpenAI embedded for that row
+(``jeopardy question {answer} {clue}``, lower-cased, as Weaviate sent it), so the adapted and
+the true query vector are vectors of the very same string.
 
 Run:  python cookbook/01_langchain_rag.py            (25 queries, ~30 s)
       python cookbook/01_langchain_rag.py --queries 2000

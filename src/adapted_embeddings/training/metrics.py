@@ -12,19 +12,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from adapted_embeddings.adapter.network import l2_normalize
+
 _BLOCK = 1024  # query rows per similarity block: bounds memory at 1024 x corpus floats
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def top_k_excluding_self(
     queries: np.ndarray, corpus: np.ndarray, query_index: np.ndarray, k: int
 ) -> np.ndarray:
     """Indices of each query's ``k`` most similar corpus rows, its own row excluded."""
-    queries, corpus = _unit(queries), _unit(corpus)
+    queries, corpus = l2_normalize(queries), l2_normalize(corpus)
     result = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), _BLOCK):
         sims = queries[start : start + _BLOCK] @ corpus.T
@@ -38,7 +35,7 @@ def top_k_excluding_self(
 
 def self_rank(queries: np.ndarray, corpus: np.ndarray, query_index: np.ndarray) -> np.ndarray:
     """0-based rank of each query's own corpus row among all corpus rows."""
-    queries, corpus = _unit(queries), _unit(corpus)
+    queries, corpus = l2_normalize(queries), l2_normalize(corpus)
     ranks = np.empty(len(queries), dtype=np.int64)
     for start in range(0, len(queries), _BLOCK):
         sims = queries[start : start + _BLOCK] @ corpus.T
@@ -63,7 +60,7 @@ def neighbour_agreement(
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity."""
-    return np.einsum("ij,ij->i", _unit(a), _unit(b))
+    return np.einsum("ij,ij->i", l2_normalize(a), l2_normalize(b))
 
 
 def centred_cosine_rows(a: np.ndarray, b: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -72,7 +69,7 @@ def centred_cosine_rows(a: np.ndarray, b: np.ndarray, mean: np.ndarray) -> np.nd
     Raw cosine is misleading for anisotropic spaces (every ada-002 vector has cosine ~0.7
     with every other), so quality is judged on the centred version.
     """
-    return cosine_rows(_unit(a) - mean, _unit(b) - mean)
+    return cosine_rows(l2_normalize(a) - mean, l2_normalize(b) - mean)
 
 
 def effective_rank(x: np.ndarray) -> float:

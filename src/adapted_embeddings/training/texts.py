@@ -4,16 +4,16 @@ Provider calls are the only part that costs money, so they are
 
 * **estimated first**: tokens are counted offline and the cost printed before any call;
 * **batched** through the library's own provider client (request limits respected);
-* **cached on disk** after every batch (raw float32 bytes, never pickle), keyed by target
-  space and text, so a crash or a second run resumes without paying again;
+* **cached on disk** after every batch in the library's :class:`EmbeddingCache` (data-only,
+  never unpickled; private directory), under the same provider key the pipeline uses, so a
+  crash or a second run resumes without paying again, and a pipeline over the same cache
+  directory reuses what training paid for (and the other way round);
 * shown with a **progress bar**.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from adapted_embeddings.adapter import Adapter
+from adapted_embeddings.cache import CachedEmbedding, EmbeddingCache, provider_cache_key
 from adapted_embeddings.errors import ProviderError, TrainingDataError
 from adapted_embeddings.settings import ProviderSettings
 from adapted_embeddings.spaces import EmbeddingSpace
@@ -33,6 +34,8 @@ PRICE_PER_MILLION_TOKENS = {
 """OpenAI list prices in USD (for the estimate only; check your own pricing)."""
 
 BATCH_TEXTS = 512
+
+logger = logging.getLogger(__name__)
 
 
 def estimate_cost(texts: Sequence[str], target: EmbeddingSpace) -> dict[str, Any]:
@@ -47,34 +50,6 @@ def estimate_cost(texts: Sequence[str], target: EmbeddingSpace) -> dict[str, Any
         "tokens": tokens,
         "usd": None if price is None else tokens / 1e6 * price,
     }
-
-
-class _VectorStore:
-    """Provider vectors on disk: one raw float32 blob per (space, text); 0700 directory."""
-
-    def __init__(self, directory: Path, space: EmbeddingSpace) -> None:
-        import diskcache
-
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
-        self._cache = diskcache.Cache(str(directory))
-        self._space = space
-
-    def _key(self, text: str) -> str:
-        return hashlib.sha256(f"{self._space.id}\x00{text}".encode()).hexdigest()
-
-    def get(self, text: str) -> np.ndarray | None:
-        blob = self._cache.get(self._key(text))
-        if not isinstance(blob, bytes):
-            return None
-        vector = np.frombuffer(blob, dtype=np.float32)
-        return vector if vector.shape == (self._space.dimensions,) else None
-
-    def put(self, text: str, vector: np.ndarray) -> None:
-        self._cache.set(self._key(text), np.asarray(vector, dtype=np.float32).tobytes())
-
-    def close(self) -> None:
-        self._cache.close()
 
 
 def embed_with_provider(
@@ -97,23 +72,28 @@ def embed_with_provider(
     from adapted_embeddings.provider import OpenAIEmbeddingProvider
 
     space = EmbeddingSpace.parse(target)
-    store = _VectorStore(Path(cache_dir) / "provider-vectors", space)
+    keys = [provider_cache_key(space=space, text=text) for text in texts]
+    store = EmbeddingCache(cache_dir)
     try:
         result = np.zeros((len(texts), space.dimensions), dtype=np.float32)
         missing = []
-        for i, text in enumerate(texts):
-            cached = store.get(text)
-            if cached is None:
+        cached = store.peek_provider_vectors(keys, dimensions=space.dimensions)
+        for i, vector in enumerate(cached):
+            if vector is None:
                 missing.append(i)
             else:
-                result[i] = cached
+                result[i] = vector
         if missing:
             estimate = estimate_cost([texts[i] for i in missing], space)
             usd = "unknown price" if estimate["usd"] is None else f"~${estimate['usd']:.4f}"
-            print(
-                f"embedding {len(missing)} texts with {space.id} ({estimate['tokens']} tokens, "
-                f"{usd}); {len(texts) - len(missing)} already cached",
-                file=sys.stderr,  # stdout belongs to the caller (the CLI prints JSON there)
+            # A warning, so the notice of spending is shown without any logging set up.
+            logger.warning(
+                "embedding %d texts with %s (%d tokens, %s); %d already cached",
+                len(missing),
+                space.id,
+                estimate["tokens"],
+                usd,
+                len(texts) - len(missing),
             )
             client = OpenAIEmbeddingProvider(provider, space)
             failed: list[int] = []
@@ -122,8 +102,13 @@ def embed_with_provider(
                 for start in range(0, len(missing), BATCH_TEXTS):
                     batch = missing[start : start + BATCH_TEXTS]
                     outcome = client.embed([texts[i] for i in batch])
+                    store.put_many(
+                        [
+                            (keys[batch[position]], CachedEmbedding(vector, "provider", None))
+                            for position, vector in outcome.vectors.items()
+                        ]
+                    )
                     for position, vector in outcome.vectors.items():
-                        store.put(texts[batch[position]], vector)
                         result[batch[position]] = vector
                     failed.extend(batch[p] for p in outcome.failed_positions)
                     bar.update(len(batch))
@@ -159,7 +144,8 @@ def train_adapter_from_texts(
         texts: Training texts, representative of what the adapter will see.
         target: The provider's space, e.g. ``openai/text-embedding-ada-002@1536``.
         provider: Provider settings (API key or ``base_url`` of a compatible server).
-        cache_dir: Where provider vectors are cached (resumable, never paid twice).
+        cache_dir: Where provider vectors are cached (an :class:`EmbeddingCache` directory;
+            resumable, never paid twice).
         source: Anything :func:`adapted_embeddings.encoders.build_encoder` accepts.
         flavor: ``"mlp"`` or ``"linear"``.
         progress: Show a progress bar for provider calls.

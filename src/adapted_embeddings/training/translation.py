@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adapted_embeddings.adapter.network import l2_normalize
 from adapted_embeddings.training.torch_network import TranslationNet
 
 logger = logging.getLogger(__name__)
@@ -84,12 +85,6 @@ class TranslationFit:
     history: list[dict[str, float]]
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float64 copy)."""
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def closed_form(
     source: np.ndarray, target: np.ndarray, rank: int, alpha: float
 ) -> dict[str, np.ndarray]:
@@ -99,7 +94,7 @@ def closed_form(
     ``(rank, d_out)`` (orthonormal rows: the targets' principal directions) and
     ``target_mean``.
     """
-    x, y = unit_rows(source), np.asarray(target, dtype=np.float64)
+    x, y = l2_normalize(source).astype(np.float64), np.asarray(target, dtype=np.float64)
     source_mean, target_mean = x.mean(axis=0), y.mean(axis=0)
     xc, yc = x - source_mean, y - target_mean
     _, _, components = np.linalg.svd(yc, full_matrices=False)
@@ -128,6 +123,7 @@ def fit_translation(
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     fixed_epochs: int | None = None,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> TranslationFit:
     """Fit the translation on (source, target) pairs.
 
@@ -139,6 +135,10 @@ def fit_translation(
         fixed_epochs: Train exactly this many epochs, no early stopping (cross-fitting
             reuses the epoch count the main fit chose).
         seed: Seeds initialisation, dropout and batch order.
+        groups: Optional ``(n,)`` group id per row (surface forms of one text). The closed
+            form uses every row; an MLP epoch visits one randomly chosen row of each group,
+            so an epoch costs the same however many forms a text has, and over the epochs
+            the net sees them all.
 
     """
     rank = effective_basis_rank(config.basis_rank, len(source), target.shape[1])
@@ -153,7 +153,7 @@ def fit_translation(
         }
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
         return TranslationFit(tensors, rank, 0, 0, 0, [])
-    return _train_mlp(source, target, init, rank, config, validation, fixed_epochs, seed)
+    return _train_mlp(source, target, init, rank, config, validation, fixed_epochs, seed, groups)
 
 
 def _train_mlp(
@@ -165,6 +165,7 @@ def _train_mlp(
     validation: tuple[np.ndarray, np.ndarray] | None,
     fixed_epochs: int | None,
     seed: int,
+    groups: np.ndarray | None,
 ) -> TranslationFit:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
@@ -196,7 +197,7 @@ def _train_mlp(
         epoch = 0
         for epoch in range(1, epochs + 1):
             net.train()
-            order = torch.as_tensor(rng.permutation(len(x)))
+            order = torch.as_tensor(_epoch_order(len(x), groups, rng))
             total = 0.0
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
@@ -207,7 +208,7 @@ def _train_mlp(
                 optimizer.step()
                 total += loss.item() * len(rows)
             schedule.step()
-            record = {"epoch": float(epoch), "train_loss": total / len(x)}
+            record = {"epoch": float(epoch), "train_loss": total / len(order)}
             if validation is not None and fixed_epochs is None:
                 score = _validation_score(net, validation, mean, config)
                 record["validation_score"] = score
@@ -228,6 +229,16 @@ def _train_mlp(
         return TranslationFit(net.export(), rank, config.hidden_dim, epoch, best_epoch, history)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _epoch_order(rows: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Shuffled rows of one epoch: all of them, or one random row per group."""
+    if groups is None:
+        return rng.permutation(rows)
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.lexsort((rng.random(rows), inverse))  # by group, randomly within each
+    first = np.r_[True, inverse[order][1:] != inverse[order][:-1]]
+    return rng.permutation(order[first])
 
 
 def _sample_negatives(n: int, count: int, rng: np.random.Generator) -> torch.Tensor:
