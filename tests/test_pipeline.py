@@ -59,6 +59,8 @@ def embedder(
     options: dict[str, object] = {
         "adapter": adapter_path,
         "cache_dir": tmp_path / "cache",
+        # Routing is asserted exactly here; audits have their own tests (test_learning.py).
+        "audit_rate": 0.0,
         **kwargs,
     }
     if proxy is not None:
@@ -118,14 +120,33 @@ def test_repeat_is_served_from_cache_without_calling_the_server(
     assert fresh.stats().cache_hits == len(TEXTS)
 
 
-def test_cache_keys_are_separated_by_role(
+def test_provider_vectors_are_shared_by_roles_and_local_ones_are_not(
     e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
 ) -> None:
-    embeddings = embedder(e5_adapter_path, recording_proxy, tmp_path, mode="provider")
-    embeddings.embed_documents(TEXTS[:3])
+    # The provider has no notion of role: both roles send the same request and get the
+    # same vector back, so its vectors are cached once for both.
+    uncached = embedder(
+        e5_adapter_path, recording_proxy, tmp_path / "u", mode="provider", cache=False
+    )
+    as_query, as_document = uncached.embed_query(TEXTS[0]), uncached.embed_documents([TEXTS[0]])[0]
+    assert recording_proxy.requests == [[TEXTS[0]], [TEXTS[0]]]
+    assert np.allclose(as_query, as_document, atol=1e-6)
     recording_proxy.reset()
-    embeddings.embed_query(TEXTS[0])
-    assert recording_proxy.texts == [TEXTS[0]]  # the document entry was not reused
+
+    embeddings = embedder(e5_adapter_path, recording_proxy, tmp_path, mode="provider")
+    documents = embeddings.embed_documents(TEXTS[:3])
+    recording_proxy.reset()
+    query = embeddings.embed_query(TEXTS[0])
+    assert recording_proxy.texts == []  # paid once, whatever the role
+    assert np.allclose(query, documents[0])
+
+    # Local vectors are cached per role (thresholds differ by role).
+    local = embedder(e5_adapter_path, None, tmp_path / "local", mode="local")
+    local.embed_documents([TEXTS[1]])
+    assert local.pipeline.cache is not None
+    before = local.pipeline.cache.stats().entries
+    local.embed_query(TEXTS[1])
+    assert local.pipeline.cache.stats().entries == before + 1
 
 
 def test_cache_keys_are_separated_by_adapter_and_target(tmp_path: Path) -> None:

@@ -57,3 +57,11 @@ class ProviderResponseError(ProviderError):
 
 class MissingExtraError(ConfigurationError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` line."""
+
+
+class PairStoreError(AdaptedEmbeddingsError, RuntimeError):
+    """The pair store (learned provider pairs) cannot be opened, read or written."""
+
+
+class AdaptationError(AdaptedEmbeddingsError, RuntimeError):
+    """``adapt()`` cannot fit a domain adapter (e.g. too few stored pairs)."""

@@ -7,17 +7,21 @@ same keywords, and any keyword left out comes from :class:`AdaptedEmbeddingsSett
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cache import EmbeddingCache
 from adapted_embeddings.encoders import SourceEncoder, build_encoder
-from adapted_embeddings.errors import ConfigurationError
+from adapted_embeddings.errors import AdapterNotFoundError, ConfigurationError, PairStoreError
+from adapted_embeddings.learning.audit import QualityReport
+from adapted_embeddings.learning.learner import DomainLearner
+from adapted_embeddings.learning.pairs import PairStore
 from adapted_embeddings.pipeline import (
     EmbeddingPipeline,
     EmbeddingResult,
@@ -25,9 +29,21 @@ from adapted_embeddings.pipeline import (
     Role,
 )
 from adapted_embeddings.provider import OpenAIEmbeddingProvider, require_credentials
-from adapted_embeddings.registry import find_adapter
+from adapted_embeddings.registry import RegistryEntry, find_adapter, newest_adapted
 from adapted_embeddings.settings import AdaptedEmbeddingsSettings, Mode, OnProviderError
 from adapted_embeddings.spaces import EmbeddingSpace
+
+if TYPE_CHECKING:
+    from adapted_embeddings.learning.adapt import AdaptationReport, AdaptOptions
+
+logger = logging.getLogger(__name__)
+
+KNOWN_WIDTHS = {
+    "text-embedding-ada-002": 1536,
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+}
+"""Default widths of OpenAI's models, for a cold start that names no ``dimensions``."""
 
 
 class PipelineOptions(BaseModel):
@@ -75,6 +91,20 @@ class PipelineOptions(BaseModel):
     on_provider_error: OnProviderError | None = Field(
         default=None, description="'raise' (default) or 'local' (degrade to adapter vectors)."
     )
+    learn: bool | None = Field(
+        default=None,
+        description="Keep (source, provider) pairs of paid provider calls for adapt(); "
+        "False stores nothing.",
+    )
+    audit_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of confidently-local texts also checked by the provider.",
+    )
+    auto_adapt_every: int | None = Field(
+        default=None, gt=0, description="Adapt in the background after this many new pairs."
+    )
     settings: AdaptedEmbeddingsSettings | None = Field(
         default=None, description="A settings object; defaults to one read from the environment."
     )
@@ -103,8 +133,20 @@ class PipelineOptions(BaseModel):
         return self._pipeline.embed(texts, role)
 
     def stats(self) -> PipelineStats:
-        """Counters: cache hits, local, provider, degraded, provider requests and tokens."""
+        """Counters: cache hits, local, provider, audited, degraded, provider requests, tokens."""
         return self._pipeline.stats()
+
+    def quality_report(self) -> QualityReport | None:
+        """How good the local route is on your data, from audits (None before an adapter exists)."""
+        return self._pipeline.quality_report()
+
+    def adapt(self, options: AdaptOptions | None = None) -> AdaptationReport:
+        """Fit a domain adapter from the stored pairs; switch to it only if it is better.
+
+        The new adapter is saved in the adapter directory (default ``<cache dir>/adapters``),
+        and new instances with the same settings pick it up unless ``adapter=`` pins one.
+        """
+        return self._pipeline.adapt(options)
 
     def resolved_settings(self) -> AdaptedEmbeddingsSettings:
         """The settings with every keyword that was given applied on top."""
@@ -126,6 +168,9 @@ class PipelineOptions(BaseModel):
             on_provider_error=self.on_provider_error,
         )
         cache = _given(enabled=self.cache, directory=self.cache_dir)
+        learning = _given(
+            learn=self.learn, audit_rate=self.audit_rate, auto_adapt_every=self.auto_adapt_every
+        )
         provider = _given(
             api_key=self.api_key,
             base_url=self.base_url,
@@ -141,6 +186,7 @@ class PipelineOptions(BaseModel):
                 "gate": base.gate.model_copy(update=gate),
                 "cache": base.cache.model_copy(update=cache),
                 "provider": base.provider.model_copy(update=provider),
+                "learning": base.learning.model_copy(update=learning),
             }
         )
 
@@ -183,23 +229,92 @@ def build_pipeline(
     """
     if settings.gate.mode != "local":
         require_credentials(settings.provider)  # fail before loading any model
+    cache = _open_cache(settings) if settings.cache.enabled else None
+    pinned = adapter is not None or settings.adapter_path is not None
     if adapter is None and settings.adapter_path is not None:
         adapter = _load_adapter(str(settings.adapter_path))
     if adapter is None and source is None:
         # Look the adapter up before loading any model, so a typo fails fast.
-        entry = find_adapter(source=settings.source, target=settings.target, flavor=settings.flavor)
-        adapter = _load_adapter(str(entry.path))
+        adapter = _find_adapter(settings, settings.source, cache)
     encoder = _encoder(source if source is not None else settings.source, settings, adapter)
-    if adapter is None:
-        entry = find_adapter(source=encoder.space, target=settings.target, flavor=settings.flavor)
-        adapter = _load_adapter(str(entry.path))
+    if adapter is None and source is not None:
+        adapter = _find_adapter(settings, encoder.space, cache)
+    target = adapter.target if adapter is not None else _cold_start_space(settings, encoder.space)
+    if not pinned:  # what adapt() learned for this pair of spaces beats the registry's
+        adapter = _newest_adapted(settings, encoder.space, target) or adapter
     provider = None
     if settings.gate.mode != "local":
-        provider = OpenAIEmbeddingProvider(settings.provider, adapter.target)
-    cache = _open_cache(settings) if settings.cache.enabled else None
+        provider = OpenAIEmbeddingProvider(settings.provider, target)
+    learner = None
+    if settings.gate.mode == "hybrid":
+        learner = DomainLearner(
+            _open_pair_store(settings) if cache is not None else None,
+            settings.learning,
+            source=encoder.space,
+            target=target,
+        )
     return EmbeddingPipeline(
-        adapter=adapter, encoder=encoder, provider=provider, cache=cache, gate=settings.gate
+        adapter=adapter,
+        encoder=encoder,
+        provider=provider,
+        cache=cache,
+        gate=settings.gate,
+        target=target,
+        learner=learner,
     )
+
+
+def _find_adapter(
+    settings: AdaptedEmbeddingsSettings, source: str | EmbeddingSpace, cache: EmbeddingCache | None
+) -> Adapter | None:
+    """The registry's adapter, or None where hybrid/provider mode can cold-start without one."""
+    try:
+        entry: RegistryEntry = find_adapter(
+            source=source, target=settings.target, flavor=settings.flavor
+        )
+    except AdapterNotFoundError:
+        if settings.gate.mode == "local" or settings.flavor is not None:
+            raise
+        return None
+    wanted = settings.provider.dimensions
+    if wanted is not None and wanted != entry.manifest.target.dimensions:
+        return None  # another width of the same model: a different space, learned anew
+    return _load_adapter(str(entry.path))
+
+
+def _newest_adapted(
+    settings: AdaptedEmbeddingsSettings, source: EmbeddingSpace, target: EmbeddingSpace
+) -> Adapter | None:
+    """The newest adapter ``adapt()`` saved for (source, target), if any."""
+    from adapted_embeddings.learning.adapt import adapted_adapter_dir
+
+    directory = adapted_adapter_dir(settings.learning, settings.cache.directory)
+    entry = newest_adapted(directory, source=source, target=target)
+    return _load_adapter(str(entry.path)) if entry is not None else None
+
+
+def _cold_start_space(
+    settings: AdaptedEmbeddingsSettings, source: EmbeddingSpace
+) -> EmbeddingSpace:
+    """The target space of a pipeline with no adapter yet (see the README's cold start)."""
+    wanted = settings.provider.dimensions
+    try:
+        space = EmbeddingSpace.parse(settings.target)
+    except ValueError:
+        provider, _, model = settings.target.rpartition("/")
+        width = wanted or KNOWN_WIDTHS.get(model)
+        if width is None:
+            raise ConfigurationError(
+                f"no adapter for {source.id} -> {settings.target}, and its width is unknown: "
+                "pass dimensions=N (sent to the provider) or target='provider/model@N' to "
+                "start learning one from the provider's vectors"
+            ) from None
+        space = EmbeddingSpace(provider=provider or "openai", model=model, dimensions=width)
+    if wanted is not None and wanted != space.dimensions:
+        raise ConfigurationError(
+            f"dimensions={wanted} but the target {settings.target} says {space.dimensions}"
+        )
+    return space
 
 
 def _encoder(
@@ -259,6 +374,26 @@ def _open_cache(settings: AdaptedEmbeddingsSettings) -> EmbeddingCache:
     config = settings.cache
     with _shared_lock:
         return _cached_cache(str(config.directory), config.size_limit_mb, config.store_text)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_pair_store(directory: str, max_pairs: int, store_text: bool) -> PairStore | None:
+    try:
+        return PairStore(directory, max_pairs=max_pairs, store_text=store_text)
+    except PairStoreError as exc:  # learning is an extra: embedding goes on without it
+        logger.warning("learning is off: %s", exc)
+        return None
+
+
+def _open_pair_store(settings: AdaptedEmbeddingsSettings) -> PairStore | None:
+    """The pair store beside the cache, shared by every pipeline on that directory."""
+    config = settings.learning
+    if not config.learn:
+        return None
+    with _shared_lock:
+        return _cached_pair_store(
+            str(settings.cache.directory), config.max_pairs, config.store_text
+        )
 
 
 def _given(**values: Any) -> dict[str, Any]:

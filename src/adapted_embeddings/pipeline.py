@@ -1,11 +1,19 @@
 """The one embedding pipeline both integrations wrap.
 
-texts → cache look-up → local encode of the misses → translate and score → gate →
-one batched provider call for everything below the threshold → cache write → results in
-input order.
+texts → cache look-up (provider vectors first, then this adapter's local vectors) → local
+encode of the misses → translate and score → gate (+ random audits of the confident) → one
+batched provider call for everything below the threshold and every audit → cache write and
+pair store → results in input order.
 
 Each call is split into a *plan* (everything before the provider) and a *finish*
 (everything after), so the sync and async paths share all logic but the provider call.
+
+Learning (:mod:`adapted_embeddings.learning`) rides on the same pass: every provider vector
+for a text the adapter also scored becomes a (source, provider) pair, audits measure the
+local route, the guard raises the threshold when they show it failing, and :meth:`adapt`
+fits a domain adapter from the pairs and switches to it. With no adapter at all (a target
+nothing was trained for), the pipeline starts by sending everything to the provider and
+learning from it (*cold start*).
 """
 
 from __future__ import annotations
@@ -16,25 +24,30 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from adapted_embeddings.adapter import Adapter
-from adapted_embeddings.cache import CachedEmbedding, EmbeddingCache, cache_key
+from adapted_embeddings.cache import CachedEmbedding, EmbeddingCache, cache_key, provider_cache_key
 from adapted_embeddings.encoders import SourceEncoder
 from adapted_embeddings.errors import ConfigurationError, InvalidInputError, ProviderError
+from adapted_embeddings.learning.pairs import PairKind, PairRecord
 from adapted_embeddings.provider import OpenAIEmbeddingProvider, ProviderOutcome
 from adapted_embeddings.settings import GateSettings
 from adapted_embeddings.singleflight import SingleFlight
 from adapted_embeddings.spaces import EmbeddingSpace, ensure_same_space
+from adapted_embeddings.types import ROLES, Role, Route
+
+if TYPE_CHECKING:
+    from adapted_embeddings.learning.adapt import AdaptationReport, AdaptOptions
+    from adapted_embeddings.learning.audit import QualityReport
+    from adapted_embeddings.learning.learner import DomainLearner
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["query", "document"]
-Route = Literal["cache", "local", "provider", "local_degraded"]
-ROLES: tuple[Role, ...] = ("query", "document")
+__all__ = ["ROLES", "EmbeddingPipeline", "EmbeddingResult", "PipelineStats", "Role", "Route"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +55,15 @@ class EmbeddingResult:
     """One text's embedding and how it was obtained.
 
     Attributes:
-        vector: Unit-length float32 vector in ``space``.
+        vector: Unit-length float32 vector in ``space``. Every result owns its array (two
+            results never share one, even for the same text) and it is always writable.
         confidence: The adapter's confidence in [0, 1], or None when the adapter did not
-            score this text (provider mode).
-        route: ``cache``, ``local`` (adapter, confident), ``provider`` (fallback), or
-            ``local_degraded`` (adapter vector returned because the provider failed).
+            score this text (provider mode, cold start, a cached provider vector).
+        route: ``cache``, ``local`` (adapter, confident), ``provider`` (fallback or audit),
+            or ``local_degraded`` (adapter vector returned because the provider failed).
         space: The embedding space the vector lives in.
+        audited: True when the gate would have kept the text local but it was sent to the
+            provider as an audit; the vector is then the provider's.
 
     """
 
@@ -55,6 +71,7 @@ class EmbeddingResult:
     confidence: float | None
     route: Route
     space: EmbeddingSpace
+    audited: bool = False
 
 
 @dataclass
@@ -69,6 +86,8 @@ class PipelineStats:
     failed: int = 0
     provider_requests: int = 0
     provider_tokens: int = 0
+    audited: int = 0
+    pairs_stored: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -80,13 +99,17 @@ class _Plan:
     """State carried from :meth:`EmbeddingPipeline._plan` to :meth:`_finish`."""
 
     role: Role
+    adapter: Adapter | None  # the adapter in force when the call started
     unique_texts: list[str]
     positions: list[int]  # input position -> index into unique_texts
-    keys: list[str]
+    local_keys: list[str]
+    provider_keys: list[str]
     results: list[EmbeddingResult | None]
+    source_vectors: dict[int, np.ndarray] = field(default_factory=dict)
     local_vectors: dict[int, np.ndarray] = field(default_factory=dict)
     local_confidence: dict[int, float] = field(default_factory=dict)
     for_provider: list[int] = field(default_factory=list)
+    audited: set[int] = field(default_factory=set)
     fresh_local: list[int] = field(default_factory=list)
     published: set[int] = field(default_factory=set)  # provider vectors already cached
 
@@ -105,22 +128,46 @@ class EmbeddingPipeline:
     def __init__(
         self,
         *,
-        adapter: Adapter,
+        adapter: Adapter | None,
         encoder: SourceEncoder,
         provider: OpenAIEmbeddingProvider | None,
         cache: EmbeddingCache | None,
         gate: GateSettings,
+        target: EmbeddingSpace | None = None,
+        learner: DomainLearner | None = None,
     ) -> None:
         """Check that the parts fit together.
 
+        Args:
+            adapter: The adapter, or None for a cold start (everything goes to the provider
+                until :meth:`adapt` creates one).
+            encoder: The local source model.
+            provider: The fallback provider (None only in local mode).
+            cache: The disk cache, or None.
+            gate: Mode, thresholds, provider-error policy.
+            target: The target space; required when ``adapter`` is None.
+            learner: Pair store, audits and guard; None turns learning off.
+
         Raises:
             SpaceMismatchError: If the encoder, adapter and provider spaces disagree.
-            ConfigurationError: If a mode that may call the provider has none.
+            ConfigurationError: If a mode that may call the provider has none, or a cold
+                start has no target space or is not in hybrid/provider mode.
 
         """
-        ensure_same_space(adapter.source, encoder.space, what="the local model's vectors")
+        if adapter is not None:
+            ensure_same_space(adapter.source, encoder.space, what="the local model's vectors")
+            target = target or adapter.target
+            ensure_same_space(target, adapter.target, what="the adapter's vectors")
+        if target is None:
+            raise ConfigurationError("a pipeline without an adapter needs its target space")
+        if adapter is None and gate.mode == "local":
+            raise ConfigurationError(
+                f"no adapter for {encoder.space.id} -> {target.id}, so mode='local' has "
+                "nothing to embed with; use mode='hybrid' to start from the provider and "
+                "learn an adapter (adapt()), or train one"
+            )
         if provider is not None:
-            ensure_same_space(adapter.target, provider.space, what="the provider's vectors")
+            ensure_same_space(target, provider.space, what="the provider's vectors")
         if gate.mode != "local" and provider is None:
             raise ConfigurationError(
                 f"mode={gate.mode!r} needs a provider (an API key or a base_url); to run "
@@ -131,21 +178,35 @@ class EmbeddingPipeline:
         self.provider = provider
         self.cache = cache
         self.gate = gate
+        self.learner = learner
+        self._space = target
         self._stats = PipelineStats()
         self._stats_lock = threading.Lock()
+        self._adapt_lock = threading.Lock()
         # Concurrent callers (threads, tasks, processes sharing the cache directory) that
         # miss the cache for the same text pay for it once: see singleflight.py.
         self._flights = SingleFlight(cache) if cache is not None else None
+        if learner is not None:
+            learner.on_enough_pairs = self._adapt_in_background
 
     @property
     def space(self) -> EmbeddingSpace:
-        """The space every returned vector lives in (the adapter's target)."""
-        return self.adapter.target
+        """The space every returned vector lives in (the target)."""
+        return self._space
 
-    def threshold(self, role: Role) -> float:
-        """Minimum confidence for a local vector of ``role`` to be used."""
+    def threshold(self, role: Role, adapter: Adapter | None = None) -> float:
+        """Minimum confidence for a local vector of ``role`` to be used.
+
+        The configured threshold (or the adapter's calibrated one), raised by the guard
+        when audits showed the local route failing (see :meth:`quality_report`).
+        """
+        adapter = adapter or self.adapter
+        if adapter is None:
+            return 1.0
         configured = self.gate.query_threshold if role == "query" else self.gate.document_threshold
-        return self.adapter.recommended_threshold if configured is None else configured
+        threshold = adapter.recommended_threshold if configured is None else configured
+        raised = self.learner.raised_threshold(adapter) if self.learner is not None else None
+        return threshold if raised is None else max(threshold, raised)
 
     def embed(self, texts: Sequence[str], role: Role = "document") -> list[EmbeddingResult]:
         """Embed texts; results are in input order.
@@ -176,62 +237,165 @@ class EmbeddingPipeline:
     def stats(self) -> PipelineStats:
         """A snapshot of the running counters."""
         with self._stats_lock:
-            return PipelineStats(**self._stats.as_dict())
+            stats = PipelineStats(**self._stats.as_dict())
+        if self.learner is not None:
+            stats.pairs_stored = self.learner.pairs_stored
+        return stats
 
     def reset_stats(self) -> None:
         """Zero the running counters."""
         with self._stats_lock:
             self._stats = PipelineStats()
 
-    # -- plan: cache, local encode, gate ------------------------------------------------
+    # -- learning -------------------------------------------------------------------------
+
+    def quality_report(self) -> QualityReport | None:
+        """How good the local route is on this user's data, from audits (None: no adapter).
+
+        Raises:
+            ConfigurationError: If learning is off (``learner`` is None).
+
+        """
+        if self.learner is None:
+            raise ConfigurationError("quality reports need learning on (learn=True, a cache)")
+        adapter = self.adapter
+        return None if adapter is None else self.learner.report(adapter)
+
+    def adapt(self, options: AdaptOptions | None = None) -> AdaptationReport:
+        """Fit a domain adapter from the stored pairs and switch to it if it is better.
+
+        See :func:`adapted_embeddings.learning.adapt.adapt`. Embedding calls go on while
+        it runs; calls that start after the switch use the new adapter.
+        """
+        from adapted_embeddings.learning.adapt import adapt
+
+        if self.learner is None or self.learner.store is None:
+            raise ConfigurationError(
+                "adapt() needs the pair store: turn learning on (learn=True) with a cache"
+            )
+        with self._adapt_lock:
+            report = adapt(
+                self.learner.store,
+                parent=self.adapter,
+                source=self.encoder.space,
+                target=self.space,
+                settings=self.learner.settings,
+                options=options,
+            )
+            if report.switched and report.adapter is not None:
+                self.use_adapter(report.adapter)
+        return report
+
+    def use_adapter(self, adapter: Adapter) -> None:
+        """Switch to ``adapter`` (same spaces); calls already under way finish on the old one."""
+        ensure_same_space(adapter.source, self.encoder.space, what="the local model's vectors")
+        ensure_same_space(adapter.target, self.space, what="the adapter's vectors")
+        previous, self.adapter = self.adapter, adapter
+        if previous is not None and self.learner is not None:
+            self.learner.forget_adapter(previous.id)
+        logger.info("pipeline now uses adapter %s", adapter.name)
+
+    def _adapt_in_background(self) -> None:
+        """Automatic mode: adapt in a daemon thread, never blocking an embed call."""
+        learner = self.learner
+        if learner is None or not learner.adaptation_started():
+            return
+
+        def run() -> None:
+            try:
+                report = self.adapt()
+                logger.info("automatic adapt(): %s", report.summary())
+            except Exception as exc:  # a background refit must never take the process down
+                logger.warning("automatic adapt() failed: %s", exc)
+            finally:
+                learner.adaptation_finished()
+
+        threading.Thread(target=run, name="adapted-embeddings-adapt", daemon=True).start()
+
+    # -- plan: cache, local encode, gate, audits ------------------------------------------
 
     def _plan(self, texts: Sequence[str], role: Role) -> _Plan:
         unique_texts, positions = _deduplicate(texts)
         if role not in ROLES:
             raise ValueError(f"role must be 'query' or 'document', got {role!r}")
-        keys = (
-            [
-                cache_key(space=self.space, adapter_id=self.adapter.id, role=role, text=t)
-                for t in unique_texts
+        adapter = self.adapter
+        plan = _Plan(role, adapter, unique_texts, positions, [], [], [None] * len(unique_texts))
+        if self.cache is not None:
+            plan.provider_keys = [
+                provider_cache_key(space=self.space, text=t) for t in unique_texts
             ]
-            if self.cache is not None
-            else []
-        )
-        plan = _Plan(role, unique_texts, positions, keys, [None] * len(unique_texts))
+            if adapter is not None:
+                plan.local_keys = [
+                    cache_key(space=self.space, adapter_id=adapter.id, role=role, text=t)
+                    for t in unique_texts
+                ]
         self._serve_from_cache(plan)
-        mode, threshold = self.gate.mode, self.threshold(role)
+        mode, threshold = self.gate.mode, self.threshold(role, adapter)
         missing = [u for u, result in enumerate(plan.results) if result is None]
+        if adapter is None:
+            self._plan_cold_start(plan, missing)
+            return plan
         # Blank texts never go to the provider (OpenAI rejects empty input), so they are
         # always embedded locally, whatever the mode.
         to_encode = [u for u in missing if mode != "provider" or _blank(unique_texts[u])]
         self._translate(plan, to_encode)
+        confident = []
         for u in missing:
             text = unique_texts[u]
             if u in plan.local_vectors and (
                 mode == "local" or _blank(text) or plan.local_confidence[u] >= threshold
             ):
+                confident.append(u)
+            else:
+                plan.for_provider.append(u)
+        if mode == "hybrid" and self.learner is not None:
+            auditable = [u for u in confident if not _blank(unique_texts[u])]
+            plan.audited = set(self.learner.choose_audits(adapter, auditable))
+        for u in confident:
+            if u in plan.audited:
+                plan.for_provider.append(u)
+            else:
                 plan.results[u] = self._result(
                     plan.local_vectors[u], plan.local_confidence[u], "local"
                 )
                 plan.fresh_local.append(u)
-            else:
-                plan.for_provider.append(u)
         return plan
 
+    def _plan_cold_start(self, plan: _Plan, missing: list[int]) -> None:
+        """No adapter yet: everything goes to the provider, and is learned from."""
+        for u in missing:
+            if _blank(plan.unique_texts[u]):
+                raise InvalidInputError(
+                    f"texts[{plan.positions.index(u)}] is blank: with no adapter yet it can "
+                    "only go to the provider, which rejects empty input"
+                )
+        plan.for_provider = list(missing)
+        if self.learner is not None and self.learner.learning and missing:
+            source = self.encoder.encode([plan.unique_texts[u] for u in missing])
+            for row, u in enumerate(missing):
+                plan.source_vectors[u] = source[row]
+
     def _serve_from_cache(self, plan: _Plan) -> None:
-        if self.cache is None or not plan.keys:
+        if self.cache is None or not plan.provider_keys:
             return
-        threshold = self.threshold(plan.role)
-        entries = self.cache.get_many(plan.keys, dimensions=self.space.dimensions)
+        dimensions = self.space.dimensions
+        # A provider vector is the best there is, whatever the adapter or mode.
+        for u, entry in enumerate(self.cache.get_many(plan.provider_keys, dimensions=dimensions)):
+            if entry is not None:
+                plan.results[u] = self._result(entry.vector, None, "cache")
+        if not plan.local_keys:
+            return
+        missing = [u for u, result in enumerate(plan.results) if result is None]
+        entries = self.cache.get_many([plan.local_keys[u] for u in missing], dimensions=dimensions)
+        threshold = self.threshold(plan.role, plan.adapter)
         rejected = 0
-        for u, entry in enumerate(entries):
+        for u, entry in zip(missing, entries, strict=True):
             if entry is None:
                 continue
             # A cached local vector is only as good as today's threshold says: if the
             # threshold was raised since, it goes through the gate again.
             usable = (
-                entry.route == "provider"
-                or _blank(plan.unique_texts[u])  # blank texts are always local, see _plan
+                _blank(plan.unique_texts[u])  # blank texts are always local, see _plan
                 # Local mode keeps every local vector, so recomputing one would give the same.
                 or self.gate.mode == "local"
                 or (
@@ -250,11 +414,23 @@ class EmbeddingPipeline:
     def _translate(self, plan: _Plan, indices: list[int]) -> None:
         if not indices:
             return
-        source = self.encoder.encode([plan.unique_texts[u] for u in indices])
-        vectors, confidence = self.adapter.translate(source)
+        assert plan.adapter is not None
+        texts = [plan.unique_texts[u] for u in indices]
+        source = self.encoder.encode(texts)
+        vectors, confidence = plan.adapter.translate(
+            source, token_counts=self._token_counts(plan.adapter, texts)
+        )
         for row, u in enumerate(indices):
+            plan.source_vectors[u] = source[row]
             plan.local_vectors[u] = vectors[row]
             plan.local_confidence[u] = float(confidence[row])
+
+    def _token_counts(self, adapter: Adapter, texts: list[str]) -> np.ndarray | None:
+        """Source-model token counts, so texts the model cut lose confidence (if it can tell)."""
+        counter = getattr(self.encoder, "token_counts", None)
+        if counter is None or not adapter.manifest.architecture.max_source_tokens:
+            return None
+        return np.asarray(counter(texts), dtype=np.float32)
 
     # -- provider call, single-flight ----------------------------------------------------
 
@@ -264,7 +440,7 @@ class EmbeddingPipeline:
             return self.provider.embed(plan.provider_texts)
         return self._flights.fetch(
             plan.provider_texts,
-            [plan.keys[u] for u in plan.for_provider],
+            [plan.provider_keys[u] for u in plan.for_provider],
             self.provider.embed,
             functools.partial(self._publish, plan),
             dimensions=self.space.dimensions,
@@ -277,7 +453,7 @@ class EmbeddingPipeline:
             return await self.provider.aembed(plan.provider_texts)
         return await self._flights.afetch(
             plan.provider_texts,
-            [plan.keys[u] for u in plan.for_provider],
+            [plan.provider_keys[u] for u in plan.for_provider],
             self.provider.aembed,
             functools.partial(self._publish, plan),
             dimensions=self.space.dimensions,
@@ -290,7 +466,7 @@ class EmbeddingPipeline:
         entries = []
         for position, vector in vectors.items():
             u = plan.for_provider[position]
-            entries.append(self._entry(plan, u, vector, "provider", plan.local_confidence.get(u)))
+            entries.append(_provider_entry(plan, u, vector))
             plan.published.add(u)
         self.cache.put_many(entries)
 
@@ -304,11 +480,12 @@ class EmbeddingPipeline:
         per_request = limits.timeout * (limits.max_retries + 1) + 8.0 * limits.max_retries
         return rounds * per_request + 10.0
 
-    # -- finish: provider outcome, cache write, ordering --------------------------------
+    # -- finish: provider outcome, cache write, pairs, ordering --------------------------
 
     def _finish(self, plan: _Plan, outcome: ProviderOutcome | None) -> list[EmbeddingResult]:
         to_cache: list[tuple[str, CachedEmbedding]] = []
         failed: list[int] = []
+        pairs: list[PairRecord] = []
         if outcome is not None:
             for position, u in enumerate(plan.for_provider):
                 vector = outcome.vectors.get(position)
@@ -316,15 +493,29 @@ class EmbeddingPipeline:
                     failed.append(u)
                     continue
                 confidence = plan.local_confidence.get(u)
-                plan.results[u] = self._result(vector, confidence, "provider")
-                if u not in plan.published:
-                    to_cache.append(self._entry(plan, u, vector, "provider", confidence))
+                plan.results[u] = EmbeddingResult(
+                    vector, confidence, "provider", self.space, audited=u in plan.audited
+                )
+                if u not in plan.published and plan.provider_keys:
+                    to_cache.append(_provider_entry(plan, u, vector))
+                if u in plan.source_vectors:
+                    pairs.append(self._pair(plan, u, vector))
         for u in plan.fresh_local:
             to_cache.append(
-                self._entry(plan, u, plan.local_vectors[u], "local", plan.local_confidence[u])
+                (
+                    plan.local_keys[u] if plan.local_keys else "",
+                    CachedEmbedding(
+                        plan.local_vectors[u],
+                        "local",
+                        plan.local_confidence[u],
+                        plan.unique_texts[u],
+                    ),
+                )
             )
         if self.cache is not None:
-            self.cache.put_many(to_cache)
+            self.cache.put_many([entry for entry in to_cache if entry[0]])
+        if self.learner is not None and pairs:
+            self.learner.record(plan.adapter, pairs)
         # Counted per input, like every other counter: a duplicate that failed failed twice.
         failed_set = set(failed)
         failed_inputs = sum(u in failed_set for u in plan.positions)
@@ -334,9 +525,29 @@ class EmbeddingPipeline:
         if failed:
             self._degrade(plan, outcome, failed)
         self._count(plan, outcome, degraded=failed_inputs, failed=0)
-        return [plan.results[u] for u in plan.positions]  # type: ignore[misc]
+        return _in_input_order(plan)
+
+    def _pair(self, plan: _Plan, u: int, vector: np.ndarray) -> PairRecord:
+        kind: PairKind = "audit" if u in plan.audited else "fallback"
+        agreement = None
+        if plan.adapter is None:
+            kind = "cold_start"
+        elif u in plan.audited:
+            agreement = _centred_cosine(plan.local_vectors[u], vector, plan.adapter)
+        return PairRecord(
+            text=plan.unique_texts[u],
+            source=plan.source_vectors[u],
+            target=vector,
+            role=plan.role,
+            adapter_id=plan.adapter.id if plan.adapter is not None else "none",
+            kind=kind,
+            confidence=plan.local_confidence.get(u),
+            agreement=agreement,
+        )
 
     def _degrade(self, plan: _Plan, outcome: ProviderOutcome | None, failed: list[int]) -> None:
+        if plan.adapter is None:  # a cold start has nothing local to fall back on
+            raise self._provider_error(plan, outcome, failed)
         self._translate(plan, [u for u in failed if u not in plan.local_vectors])
         for u in failed:
             # Not cached: the next call should try the provider again.
@@ -348,7 +559,7 @@ class EmbeddingPipeline:
             "(route 'local_degraded'): %s",
             len(failed),
             len(plan.for_provider),
-            _first_error(outcome),
+            outcome.first_error if outcome is not None else "no error recorded",
         )
 
     def _provider_error(
@@ -357,12 +568,17 @@ class EmbeddingPipeline:
         failed_set = set(failed)
         failed_positions = [p for p, u in enumerate(plan.positions) if u in failed_set]
         completed = len(plan.for_provider) - len(failed)
+        fallback = (
+            "Pass on_provider_error='local' to fall back to the adapter's vectors instead."
+            if plan.adapter is not None
+            else "There is no adapter yet to fall back on (cold start)."
+        )
         return ProviderError(
             f"the provider failed for {len(failed_positions)} of {len(plan.positions)} "
             f"inputs (input positions {_preview(failed_positions)}) after retries: "
-            f"{_first_error(outcome)}. {completed} provider vectors from requests that "
-            "succeeded were cached. Pass on_provider_error='local' to fall back to the "
-            "adapter's vectors instead.",
+            f"{outcome.first_error if outcome is not None else 'no error recorded'}. "
+            f"{completed} provider vectors from requests that succeeded were cached. "
+            f"{fallback}",
             failed_indices=failed_positions,
             completed=completed,
         )
@@ -370,13 +586,15 @@ class EmbeddingPipeline:
     def _count(
         self, plan: _Plan, outcome: ProviderOutcome | None, *, degraded: int, failed: int
     ) -> None:
-        routes = [getattr(plan.results[u], "route", None) for u in plan.positions]
+        results = [plan.results[u] for u in plan.positions]
+        routes = [getattr(r, "route", None) for r in results]
         with self._stats_lock:
             stats = self._stats
             stats.texts += len(plan.positions)
             stats.cache_hits += routes.count("cache")
             stats.local += routes.count("local")
             stats.provider += routes.count("provider")
+            stats.audited += sum(bool(getattr(r, "audited", False)) for r in results)
             stats.degraded += degraded
             stats.failed += failed
             if outcome is not None:
@@ -388,12 +606,29 @@ class EmbeddingPipeline:
     ) -> EmbeddingResult:
         return EmbeddingResult(vector, confidence, route, self.space)
 
-    def _entry(
-        self, plan: _Plan, u: int, vector: np.ndarray, route: Any, confidence: float | None
-    ) -> tuple[str, CachedEmbedding]:
-        return plan.keys[u] if plan.keys else "", CachedEmbedding(
-            vector, route, confidence, plan.unique_texts[u]
-        )
+
+def _provider_entry(plan: _Plan, u: int, vector: np.ndarray) -> tuple[str, CachedEmbedding]:
+    # The confidence is the adapter's, not the provider's: it is not stored with a vector
+    # every adapter shares.
+    return plan.provider_keys[u], CachedEmbedding(vector, "provider", None, plan.unique_texts[u])
+
+
+def _in_input_order(plan: _Plan) -> list[EmbeddingResult]:
+    """One result per input, each with its own writable copy of the vector."""
+    ordered = []
+    for u in plan.positions:
+        result = plan.results[u]
+        assert result is not None
+        ordered.append(replace(result, vector=np.array(result.vector, dtype=np.float32)))
+    return ordered
+
+
+def _centred_cosine(local: np.ndarray, provider: np.ndarray, adapter: Adapter) -> float:
+    """Agreement of a local vector with the provider's, centred on the target mean."""
+    mean = adapter.target_mean
+    a = local / max(float(np.linalg.norm(local)), 1e-12) - mean
+    b = provider / max(float(np.linalg.norm(provider)), 1e-12) - mean
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
 
 
 def _deduplicate(texts: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -432,13 +667,6 @@ def _check_encodable(text: str, index: int) -> None:
 
 def _blank(text: str) -> bool:
     return not text.strip()
-
-
-def _first_error(outcome: ProviderOutcome | None) -> str:
-    if outcome is None or not outcome.failures:
-        return "no error recorded"
-    error = outcome.failures[0][1]
-    return f"{type(error).__name__}: {error}"
 
 
 def _preview(positions: list[int], limit: int = 10) -> str:

@@ -127,6 +127,20 @@ def find_adapter(
     )
 
 
+def newest_adapted(
+    directory: str | Path, *, source: EmbeddingSpace, target: EmbeddingSpace
+) -> RegistryEntry | None:
+    """The newest adapter ``adapt()`` saved in ``directory`` for exactly (source, target)."""
+    candidates = []
+    for entry in _scan(Path(directory).expanduser(), builtin=False):
+        lineage = entry.manifest.training.get("lineage")
+        if not isinstance(lineage, dict):
+            continue
+        if entry.manifest.source == source and entry.manifest.target == target:
+            candidates.append((float(lineage.get("created_unix", 0.0)), entry.name, entry))
+    return max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
+
+
 def describe_available(*, extra_dirs: Iterable[str | Path] = ()) -> str:
     """One line per available adapter: name, flavor, source -> target."""
     lines = [

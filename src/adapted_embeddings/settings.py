@@ -134,7 +134,8 @@ class LearningSettings(BaseModel):
         ge=0.0,
         le=1.0,
         description="Share of confidently-local texts also sent to the provider to check the "
-        "local route (the caller gets the provider's vector).",
+        "local route (the caller gets the provider's vector); 0 turns audits, and with them "
+        "the guard, off.",
     )
     warmup_audits: int = Field(
         default=40,

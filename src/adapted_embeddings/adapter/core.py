@@ -146,6 +146,13 @@ class Adapter:
         """Total number of scalars in the weights."""
         return int(sum(t.size for t in self._weights.values()))
 
+    @property
+    def target_mean(self) -> np.ndarray:
+        """Mean target vector (the decoder bias): quality is judged centred on it."""
+        view = self._weights["decoder.bias"].view()
+        view.flags.writeable = False
+        return view
+
     def translate(
         self, source_vectors: np.ndarray, *, token_counts: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,143 @@
+"""What the pipeline asks of learning: whom to audit, where pairs go, what the guard says.
+
+One :class:`DomainLearner` per pipeline. It owns the pair store handle, one
+:class:`~adapted_embeddings.learning.audit.AuditTracker` per adapter the pipeline has used,
+and the optional background re-adaptation. Learning never fails an embedding call: a pair
+store that cannot be written is reported once and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from adapted_embeddings.adapter import Adapter
+from adapted_embeddings.errors import PairStoreError
+from adapted_embeddings.learning.audit import AuditTracker, QualityReport
+from adapted_embeddings.learning.pairs import AuditRecord, PairRecord, PairStore
+from adapted_embeddings.settings import LearningSettings
+from adapted_embeddings.spaces import EmbeddingSpace
+
+logger = logging.getLogger(__name__)
+
+
+class DomainLearner:
+    """Pairs, audits and the guard for one pipeline."""
+
+    def __init__(
+        self,
+        store: PairStore | None,
+        settings: LearningSettings,
+        *,
+        source: EmbeddingSpace,
+        target: EmbeddingSpace,
+        seed: int | None = None,
+    ) -> None:
+        """Learn into ``store`` (None: audits and guard only, nothing kept on disk)."""
+        self.store = store
+        self.settings = settings
+        self.source = source
+        self.target = target
+        self._trackers: dict[str, AuditTracker] = {}
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._store_failed = False
+        self._pairs_since_adapt = 0
+        self._adapting = threading.Event()
+        self.on_enough_pairs: Callable[[], None] | None = None
+        self.pairs_stored = 0
+
+    @property
+    def learning(self) -> bool:
+        """Whether pairs are being kept."""
+        return self.store is not None and self.settings.learn and not self._store_failed
+
+    def tracker(self, adapter: Adapter) -> AuditTracker:
+        """The audit tracker of ``adapter``, seeded from its stored audits on first use."""
+        with self._lock:
+            tracker = self._trackers.get(adapter.id)
+            if tracker is None:
+                history = []
+                if self.store is not None:
+                    try:
+                        history = self.store.audits(adapter.id, limit=self.settings.audit_window)
+                    except PairStoreError as exc:
+                        self._report_store_failure(exc)
+                tracker = AuditTracker(adapter, self.settings, history)
+                self._trackers[adapter.id] = tracker
+            return tracker
+
+    def choose_audits(self, adapter: Adapter, candidates: Sequence[int]) -> list[int]:
+        """A random share of the texts the gate keeps local, to be checked by the provider."""
+        rate = self.tracker(adapter).audit_rate()
+        if not candidates or rate <= 0:
+            return []
+        with self._lock:
+            draws = self._rng.random(len(candidates))
+        return [c for c, draw in zip(candidates, draws, strict=True) if draw < rate]
+
+    def raised_threshold(self, adapter: Adapter) -> float | None:
+        """The guard's threshold for ``adapter`` (None while it has not tripped)."""
+        return self.tracker(adapter).raised_threshold
+
+    def report(self, adapter: Adapter) -> QualityReport:
+        """The running quality estimate of ``adapter``'s local route."""
+        return self.tracker(adapter).report()
+
+    def record(self, adapter: Adapter | None, pairs: Sequence[PairRecord]) -> None:
+        """Keep the pairs (if learning) and feed the audits to the guard."""
+        if not pairs:
+            return
+        if adapter is not None:
+            audits = [
+                AuditRecord(float(p.confidence or 0.0), float(p.agreement))
+                for p in pairs
+                if p.kind == "audit" and p.agreement is not None
+            ]
+            self.tracker(adapter).record(audits)
+        if not self.learning:
+            return
+        assert self.store is not None
+        try:
+            stored = self.store.add(pairs, source=self.source, target=self.target)
+        except PairStoreError as exc:
+            self._report_store_failure(exc)
+            return
+        self.pairs_stored += stored
+        self._maybe_adapt(stored)
+
+    def forget_adapter(self, adapter_id: str) -> None:
+        """Drop the tracker of an adapter the pipeline no longer uses."""
+        with self._lock:
+            self._trackers.pop(adapter_id, None)
+
+    def adaptation_started(self) -> bool:
+        """Claim the single background adaptation slot; False if one is running."""
+        with self._lock:
+            if self._adapting.is_set():
+                return False
+            self._adapting.set()
+            self._pairs_since_adapt = 0
+            return True
+
+    def adaptation_finished(self) -> None:
+        """Release the background adaptation slot."""
+        self._adapting.clear()
+
+    def _maybe_adapt(self, stored: int) -> None:
+        every = self.settings.auto_adapt_every
+        if every is None or self.on_enough_pairs is None:
+            return
+        with self._lock:
+            self._pairs_since_adapt += stored
+            due = self._pairs_since_adapt >= every and not self._adapting.is_set()
+        if due:
+            self.on_enough_pairs()
+
+    def _report_store_failure(self, exc: PairStoreError) -> None:
+        if not self._store_failed:
+            logger.warning("learning is off for this process: %s", exc)
+        self._store_failed = True
