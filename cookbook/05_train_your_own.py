@@ -6,6 +6,7 @@ exactly this). The local side (all-MiniLM-L6-v2) is computed on the spot. Rows a
 three ways: training rows, a calibration slice, and the project's held-out test rows
 (index % 5 == 0), on which the new adapter is compared with the built-in one.
 
+Needs:  pip install 'adapted-embeddings[langchain,train]'
 Run:  python cookbook/05_train_your_own.py                 (1,500 pairs, linear, ~1 min)
       python cookbook/05_train_your_own.py --pairs 6000 --flavor mlp
 
@@ -90,7 +91,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or Path(scratch) / adapter.name
         adapter.save(out, overwrite=args.out is not None)
-        print(f"4. saved to {out}: {sorted(p.name for p in out.iterdir())}")
+        files = sorted(p.name for p in out.iterdir())
+        if args.out is None:  # the directory goes when the script ends: do not point at it
+            print(f"4. saved to a temporary directory (pass --out DIR to keep it): {files}")
+        else:
+            print(f"4. saved to {out}: {files}")
 
         embeddings = AdaptedEmbeddings(adapter=str(out), mode="local")
         result = embeddings.embed_with_info(

