@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cache import EmbeddingCache
 from adapted_embeddings.encoders import SourceEncoder, build_encoder
-from adapted_embeddings.errors import AdapterNotFoundError, ConfigurationError, PairStoreError
+from adapted_embeddings.errors import AdapterNotFoundError, ConfigurationError
 from adapted_embeddings.learning.audit import QualityReport
 from adapted_embeddings.learning.learner import DomainLearner
 from adapted_embeddings.learning.pairs import PairStore
@@ -245,14 +245,7 @@ def build_pipeline(
     provider = None
     if settings.gate.mode != "local":
         provider = OpenAIEmbeddingProvider(settings.provider, target)
-    learner = None
-    if settings.gate.mode == "hybrid":
-        learner = DomainLearner(
-            _open_pair_store(settings) if cache is not None else None,
-            settings.learning,
-            source=encoder.space,
-            target=target,
-        )
+    learner = _learner(settings, encoder.space, target) if settings.gate.mode == "hybrid" else None
     return EmbeddingPipeline(
         adapter=adapter,
         encoder=encoder,
@@ -377,23 +370,26 @@ def _open_cache(settings: AdaptedEmbeddingsSettings) -> EmbeddingCache:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_pair_store(directory: str, max_pairs: int, store_text: bool) -> PairStore | None:
-    try:
-        return PairStore(directory, max_pairs=max_pairs, store_text=store_text)
-    except PairStoreError as exc:  # learning is an extra: embedding goes on without it
-        logger.warning("learning is off: %s", exc)
-        return None
+def _cached_pair_store(directory: str, max_pairs: int, store_text: bool) -> PairStore:
+    return PairStore(directory, max_pairs=max_pairs, store_text=store_text)
 
 
-def _open_pair_store(settings: AdaptedEmbeddingsSettings) -> PairStore | None:
-    """The pair store beside the cache, shared by every pipeline on that directory."""
+def _learner(
+    settings: AdaptedEmbeddingsSettings, source: EmbeddingSpace, target: EmbeddingSpace
+) -> DomainLearner:
+    """Audits and guard, with the pair store beside the cache when learning is on.
+
+    The store opens on first use: one that cannot be opened does not stop embedding
+    (learning is off for the process, with one warning), and ``adapt()`` raises its error.
+    """
     config = settings.learning
-    if not config.learn:
-        return None
-    with _shared_lock:
-        return _cached_pair_store(
-            str(settings.cache.directory), config.max_pairs, config.store_text
-        )
+    store = None
+    if config.learn and settings.cache.enabled:
+        with _shared_lock:
+            store = _cached_pair_store(
+                str(settings.cache.directory), config.max_pairs, config.store_text
+            )
+    return DomainLearner(store, config, source=source, target=target)
 
 
 def _given(**values: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from adapted_embeddings.cli import (  # noqa: F401, E402  (importing registers t
     adapter_commands,
     dataset_command,
     embed_command,
+    learning_commands,
     serve_command,
     system_commands,
     training_commands,

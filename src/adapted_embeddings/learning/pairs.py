@@ -127,11 +127,10 @@ class PairStore:
     def __init__(
         self, directory: str | Path, *, max_pairs: int = 100_000, store_text: bool = False
     ) -> None:
-        """Open (creating if needed) the store in ``directory``, a private directory.
+        """Use the store in ``directory`` (a private directory); it is opened on first use.
 
-        Raises:
-            PairStoreError: If the file exists but is not a readable pair store.
-
+        Every method raises :class:`PairStoreError` if the file is not a readable pair
+        store; :meth:`clear` is the way out (it moves a damaged file aside).
         """
         self.directory = Path(directory).expanduser()
         self.path = self.directory / PAIR_STORE_FILE
@@ -139,7 +138,6 @@ class PairStore:
         self.store_text = store_text
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
-        self._connect()
 
     # -- writing --------------------------------------------------------------------------
 
