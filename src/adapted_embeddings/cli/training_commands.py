@@ -63,7 +63,7 @@ def _read_pairs(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from adapted_embeddings.training.from_files import read_parallel_file
 
-    settings = AdaptedEmbeddingsSettings()
+    settings = AdaptedEmbeddingsSettings.load()  # a bad variable: one line, exit 2
     provider = settings.provider.model_copy(
         update={"base_url": base_url or settings.provider.base_url}
     )
