@@ -10,4 +10,4 @@ Role = Literal["query", "document"]
 ROLES: tuple[Role, ...] = ("query", "document")
 
 Route = Literal["cache", "local", "provider", "local_degraded"]
-"""How a returned vector was obtained (see :class:`~adapted_embeddings.pipeline.EmbeddingResult`)."""
+"""How a returned vector was obtained (see ``EmbeddingResult`` in :mod:`.pipeline`)."""

@@ -53,8 +53,17 @@ def list_command(
     flavor: Annotated[str | None, typer.Option(metavar="FLAVOR", help="Only this flavor.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
 ) -> None:
-    """List the available adapters (user directories first, then built-in ones)."""
-    entries = list_adapters(source=source, target=target, flavor=flavor)
+    """List the available adapters (user directories first, then built-in ones).
+
+    Adapters ``adapt()`` learned from your data (in the adapter directory beside the cache)
+    are listed first.
+    """
+    from adapted_embeddings.learning.adapt import adapted_adapter_dir
+    from adapted_embeddings.settings import load_settings
+
+    settings = load_settings()
+    learned = adapted_adapter_dir(settings.learning, settings.cache.directory)
+    entries = list_adapters(source=source, target=target, flavor=flavor, extra_dirs=[learned])
     if as_json:
         print_json([_summary(e) for e in entries])
         return
