@@ -203,8 +203,18 @@ class EmbeddingCache:
 
     # -- leases: which caller, in any process sharing this directory, is fetching a key ----
 
-    def claim(self, keys: list[str], holder: bytes, *, seconds: float) -> list[bytes | None]:
+    def claim(
+        self,
+        keys: list[str],
+        holder: bytes,
+        *,
+        seconds: float,
+        take_over: dict[str, bytes] | None = None,
+    ) -> list[bytes | None]:
         """Take the lease on each key that nobody holds; an expired lease counts as free.
+
+        ``take_over`` maps keys to a stale holder (dead, or past its lease): a lease still
+        held by exactly that holder is taken over; one re-taken by anybody else is not.
 
         Returns:
             None where ``holder`` now holds the lease, else the current holder's value.
@@ -219,8 +229,13 @@ class EmbeddingCache:
                     lease = _LEASE_PREFIX + key
                     if self._cache.add(lease, holder, expire=seconds):
                         holders.append(None)
+                        continue
+                    current = self._cache.get(lease)
+                    stale = take_over.get(key) if take_over else None
+                    if stale is not None and current == stale:
+                        self._cache.set(lease, holder, expire=seconds)
+                        holders.append(None)
                     else:
-                        current = self._cache.get(lease)
                         holders.append(current if isinstance(current, bytes) else b"")
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             logger.warning("could not take cache leases; fetching without them: %s", exc)

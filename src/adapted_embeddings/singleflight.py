@@ -9,11 +9,15 @@ cache itself (one SQLite transaction, so it is atomic across processes sharing t
 directory). Texts another caller already leases are not sent; once its own request is
 done and cached, the caller waits for those to appear in the cache. If the holder
 releases without a vector, a waiter in the same process takes over its error (so an
-outage costs one set of retries, not one per waiter); a waiter in another process, or
-any waiter whose holder died or overran the lease, fetches the text itself.
+outage costs one set of retries, not one per waiter). Otherwise (the holder was
+cancelled, died, overran its lease, or lives in another process) the waiter claims the
+text again, taking a dead or overrun holder's lease over, and fetches it itself unless
+another waiter got there first.
 
 Leases are only held around a caller's own request and released before it waits for
-anyone else's, so two callers can never wait for each other.
+anyone else's, so two callers can never wait for each other. A cancelled async caller
+releases what it claimed, even when the cancel lands while the claim is still running
+in its worker thread.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,7 +42,26 @@ from adapted_embeddings.provider import ProviderOutcome
 Store = Callable[[dict[int, np.ndarray]], None]
 """Writes provider vectors (by position) to the cache; called before leases are released."""
 
+T = TypeVar("T")
+
 _HOST = socket.gethostname()
+
+
+@dataclass
+class _Lease:
+    """One round's claim: what this caller fetches and whom it follows for the rest."""
+
+    holder: bytes
+    own: list[int] = field(default_factory=list)
+    followed: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class _Orphans:
+    """Positions to claim again, and the stale leases (key -> holder) that may be taken over."""
+
+    positions: list[int] = field(default_factory=list)
+    take_over: dict[str, bytes] = field(default_factory=dict)
 
 
 class SingleFlight:
@@ -66,16 +91,18 @@ class SingleFlight:
         it, a waiter assumes this caller is stuck and fetches the text itself.
         """
         outcome = ProviderOutcome()
-        holder, own, followed = self._claim(keys, lease_seconds, outcome, dimensions)
-        try:
-            if own:
-                _merge(outcome, call([texts[i] for i in own]), own)
-        finally:
-            self._settle(keys, own, outcome, store, holder)
-        orphans = self._wait(keys, followed, outcome, dimensions, lease_seconds) if followed else []
-        if orphans:
-            _merge(outcome, call([texts[i] for i in orphans]), orphans)
-            store({i: outcome.vectors[i] for i in orphans if i in outcome.vectors})
+        orphans = _Orphans(list(range(len(keys))))
+        while orphans.positions:
+            lease = self._claim(keys, orphans, lease_seconds, outcome, dimensions)
+            finished = False
+            try:
+                if lease.own:
+                    _merge(outcome, call([texts[i] for i in lease.own]), lease.own)
+                finished = True
+            finally:
+                self._settle(keys, lease, outcome, store, finished)
+            waiting = self._waiting(keys, lease.followed, outcome, dimensions, lease_seconds)
+            orphans = self._drive(waiting)
         return outcome
 
     async def afetch(
@@ -88,35 +115,53 @@ class SingleFlight:
         dimensions: int,
         lease_seconds: float,
     ) -> ProviderOutcome:
-        """Async :meth:`fetch`: cache writes run in a thread, waiting polls without blocking."""
+        """Async :meth:`fetch`: cache writes run in a thread, waiting polls without blocking.
+
+        Cancellation is safe at any point: leases this caller claimed are released (a
+        claim still running in its thread is released when it finishes), and callers
+        waiting on them fetch the texts themselves.
+        """
         outcome = ProviderOutcome()
-        holder, own, followed = await asyncio.to_thread(
-            self._claim, keys, lease_seconds, outcome, dimensions
-        )
-        try:
-            if own:
-                _merge(outcome, await call([texts[i] for i in own]), own)
-        finally:
-            await asyncio.to_thread(self._settle, keys, own, outcome, store, holder)
-        orphans: list[int] = []
-        if followed:
-            orphans = await self._await(keys, followed, outcome, dimensions, lease_seconds)
-        if orphans:
-            _merge(outcome, await call([texts[i] for i in orphans]), orphans)
-            vectors = {i: outcome.vectors[i] for i in orphans if i in outcome.vectors}
-            await asyncio.to_thread(store, vectors)
+        orphans = _Orphans(list(range(len(keys))))
+        while orphans.positions:
+            lease = await _shielded(
+                asyncio.to_thread(self._claim, keys, orphans, lease_seconds, outcome, dimensions),
+                on_cancel=lambda claimed: self._release_in_thread(keys, claimed),
+            )
+            finished = False
+            try:
+                if lease.own:
+                    _merge(outcome, await call([texts[i] for i in lease.own]), lease.own)
+                finished = True
+            finally:
+                await _shielded(
+                    asyncio.to_thread(self._settle, keys, lease, outcome, store, finished)
+                )
+            waiting = self._waiting(keys, lease.followed, outcome, dimensions, lease_seconds)
+            orphans = await self._adrive(waiting)
         return outcome
 
     # -- leases -------------------------------------------------------------------------
 
     def _claim(
-        self, keys: list[str], lease_seconds: float, outcome: ProviderOutcome, dimensions: int
-    ) -> tuple[bytes, list[int], dict[int, bytes]]:
-        """Lease what nobody else is fetching; returns (holder, leased, followed -> holder)."""
-        holder = f"{_HOST}\0{os.getpid()}\0{uuid.uuid4().hex}".encode()
-        current = self.cache.claim(keys, holder, seconds=lease_seconds)
-        own = [i for i, h in enumerate(current) if h is None]
-        followed = {i: h for i, h in enumerate(current) if h is not None}
+        self,
+        keys: list[str],
+        wanted: _Orphans,
+        lease_seconds: float,
+        outcome: ProviderOutcome,
+        dimensions: int,
+    ) -> _Lease:
+        """Lease what nobody else is fetching among ``wanted``; follow the rest."""
+        lease = _Lease(f"{_HOST}\0{os.getpid()}\0{uuid.uuid4().hex}".encode())
+        positions = wanted.positions
+        current = self.cache.claim(
+            [keys[i] for i in positions],
+            lease.holder,
+            seconds=lease_seconds,
+            take_over=wanted.take_over,
+        )
+        own = [i for i, h in zip(positions, current, strict=True) if h is None]
+        lease.followed = {i: h for i, h in zip(positions, current, strict=True) if h is not None}
         # Another caller may have fetched and released a text between our cache look-up and
         # this claim (the local encode sits in between): take its vector, not a second one.
         cached = self.cache.peek_provider_vectors([keys[i] for i in own], dimensions=dimensions)
@@ -125,31 +170,85 @@ class SingleFlight:
             if vector is not None:
                 outcome.vectors[i] = vector
         if done:
-            self.cache.release([keys[i] for i in done], holder)
-            own = [i for i in own if i not in outcome.vectors]
-        return holder, own, followed
+            self.cache.release([keys[i] for i in done], lease.holder)
+        lease.own = [i for i in own if i not in outcome.vectors]
+        return lease
 
     def _settle(
         self,
         keys: list[str],
-        own: list[int],
+        lease: _Lease,
         outcome: ProviderOutcome,
         store: Store,
-        holder: bytes,
+        finished: bool,
     ) -> None:
-        """Cache what arrived, note what failed, then release: waiters find one or the other."""
+        """Cache what arrived, note what failed, then release: waiters find one or the other.
+
+        A flight that did not finish (cancelled, or an exception) records no error, so its
+        waiters fetch the texts themselves rather than inherit a failure that never was.
+        """
         try:
-            vectors = {i: outcome.vectors[i] for i in own if i in outcome.vectors}
+            vectors = {i: outcome.vectors[i] for i in lease.own if i in outcome.vectors}
             if vectors:
                 store(vectors)
-            if len(vectors) < len(own):
-                error = _first_error(outcome)
+            if finished and len(vectors) < len(lease.own):
                 with self._lock:
-                    self._failed[holder] = error
+                    self._failed[lease.holder] = outcome.first_error
                     while len(self._failed) > 1024:
                         self._failed.popitem(last=False)
         finally:
-            self.cache.release([keys[i] for i in own], holder)
+            self.cache.release([keys[i] for i in lease.own], lease.holder)
+
+    def _release_in_thread(self, keys: list[str], lease: _Lease) -> None:
+        """Release a cancelled caller's leases without blocking the event loop."""
+        if lease.own:
+            own = [keys[i] for i in lease.own]
+            threading.Thread(target=self.cache.release, args=(own, lease.holder)).start()
+
+    # -- waiting for other callers --------------------------------------------------------
+
+    def _waiting(
+        self,
+        keys: list[str],
+        followed: dict[int, bytes],
+        outcome: ProviderOutcome,
+        dimensions: int,
+        lease_seconds: float,
+    ) -> Generator[None, None, _Orphans]:
+        """Poll until every followed key is settled; yields between polls (see _drive)."""
+        pending: dict[int, bytes] = dict(followed)
+        orphans = _Orphans()
+        # An expired lease already reads as released; the deadline only guards a stuck clock.
+        deadline = time.monotonic() + 2 * lease_seconds
+        while pending:
+            self._poll(keys, pending, outcome, dimensions, orphans)
+            if pending and time.monotonic() > deadline:
+                for i, holder in pending.items():
+                    orphans.positions.append(i)
+                    orphans.take_over[keys[i]] = holder
+                break
+            if pending:
+                yield
+        orphans.positions.sort()
+        return orphans
+
+    def _drive(self, waiting: Generator[None, None, T]) -> T:
+        """Run a polling generator, sleeping the thread between polls."""
+        while True:
+            try:
+                next(waiting)
+            except StopIteration as done:
+                return done.value
+            time.sleep(self.poll_seconds)
+
+    async def _adrive(self, waiting: Generator[None, None, T]) -> T:
+        """Run a polling generator on the event loop (its reads never block: SQLite WAL)."""
+        while True:
+            try:
+                next(waiting)
+            except StopIteration as done:
+                return done.value
+            await asyncio.sleep(self.poll_seconds)
 
     def _poll(
         self,
@@ -157,12 +256,16 @@ class SingleFlight:
         pending: dict[int, bytes],
         outcome: ProviderOutcome,
         dimensions: int,
-        orphans: list[int],
+        orphans: _Orphans,
     ) -> None:
         """One look at the cache: settle every pending key whose holder has finished."""
         order = list(pending)
-        found = self.cache.peek_provider_vectors([keys[i] for i in order], dimensions=dimensions)
+        # Holders first, vectors second. A holder stores its vectors before it releases, so
+        # a key read as released here has its vector visible to the read below. The other
+        # order was the race that paid twice (issue 9): a flight that stored and released
+        # between the two reads looked like one that ended without a vector.
         current = self.cache.holders([keys[i] for i in order])
+        found = self.cache.peek_provider_vectors([keys[i] for i in order], dimensions=dimensions)
         for i, vector, holder in zip(order, found, current, strict=True):
             followed = pending[i]
             if vector is not None:
@@ -176,52 +279,31 @@ class SingleFlight:
                     outcome.failures.append(
                         ([i], ProviderError(f"(another caller's request) {error}", [i]))
                     )
-                else:
-                    orphans.append(i)  # the holder died, overran its lease, or is elsewhere
+                else:  # cancelled, died, overran its lease, or failed in another process
+                    orphans.positions.append(i)
+                    if holder == followed:  # a dead holder's lease: take it over
+                        orphans.take_over[keys[i]] = followed
             del pending[i]
 
-    def _wait(
-        self,
-        keys: list[str],
-        followed: dict[int, bytes],
-        outcome: ProviderOutcome,
-        dimensions: int,
-        lease_seconds: float,
-    ) -> list[int]:
-        # An expired lease already reads as released; the deadline only guards a stuck clock.
-        pending: dict[int, bytes] = dict(followed)
-        orphans: list[int] = []
-        deadline = time.monotonic() + 2 * lease_seconds
-        while pending:
-            self._poll(keys, pending, outcome, dimensions, orphans)
-            if pending and time.monotonic() > deadline:
-                orphans.extend(pending)
-                break
-            if pending:
-                time.sleep(self.poll_seconds)
-        return sorted(orphans)
 
-    async def _await(
-        self,
-        keys: list[str],
-        followed: dict[int, bytes],
-        outcome: ProviderOutcome,
-        dimensions: int,
-        lease_seconds: float,
-    ) -> list[int]:
-        # An expired lease already reads as released; the deadline only guards a stuck clock.
-        pending: dict[int, bytes] = dict(followed)
-        orphans: list[int] = []
-        deadline = time.monotonic() + 2 * lease_seconds
-        while pending:
-            # Reads only: SQLite in WAL mode never blocks them, so they may run on the loop.
-            self._poll(keys, pending, outcome, dimensions, orphans)
-            if pending and time.monotonic() > deadline:
-                orphans.extend(pending)
-                break
-            if pending:
-                await asyncio.sleep(self.poll_seconds)
-        return sorted(orphans)
+async def _shielded(work: Awaitable[T], on_cancel: Callable[[T], None] | None = None) -> T:
+    """Await ``work`` so that cancelling the caller does not cancel it.
+
+    If the caller is cancelled first, ``on_cancel`` gets the result once ``work`` finishes.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            callback = on_cancel
+
+            def finished(done: asyncio.Future[Any]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    callback(done.result())
+
+            task.add_done_callback(finished)
+        raise
 
 
 def _merge(outcome: ProviderOutcome, part: ProviderOutcome, positions: list[int]) -> None:
@@ -247,10 +329,3 @@ def _alive(holder: bytes) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
-
-
-def _first_error(outcome: ProviderOutcome) -> str:
-    if not outcome.failures:
-        return "the request failed"
-    error = outcome.failures[0][1]
-    return f"{type(error).__name__}: {error}"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from adapted_embeddings.adapter import Adapter
-from adapted_embeddings.cache import EmbeddingCache, cache_key
+from adapted_embeddings.cache import EmbeddingCache, cache_key, provider_cache_key
 from adapted_embeddings.encoders import SentenceTransformerEncoder, SourceEncoder
 from adapted_embeddings.pipeline import EmbeddingPipeline, Role
 from adapted_embeddings.provider import OpenAIEmbeddingProvider
@@ -76,11 +76,15 @@ class Rig:
         space, adapter_id = self.pipeline.space, self.adapter.id
         return [cache_key(space=space, adapter_id=adapter_id, role=role, text=t) for t in texts]
 
+    def provider_keys(self, texts: list[str]) -> list[str]:
+        return [provider_cache_key(space=self.pipeline.space, text=t) for t in texts]
+
     def cached(self, texts: list[str], role: Role = "document") -> list[Any]:
-        """Cache entries for texts (None where absent), read the way the pipeline reads them."""
-        return self.cache.get_many(
-            self.keys(texts, role), dimensions=self.pipeline.space.dimensions
-        )
+        """Entries for texts (None where absent): the provider's vector, else the local one."""
+        dimensions = self.pipeline.space.dimensions
+        provider = self.cache.get_many(self.provider_keys(texts), dimensions=dimensions)
+        local = self.cache.get_many(self.keys(texts, role), dimensions=dimensions)
+        return [p if p is not None else q for p, q in zip(provider, local, strict=True)]
 
     def entry_count(self) -> int:
         return self.cache.stats().entries
