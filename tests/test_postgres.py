@@ -137,6 +137,26 @@ def test_urls() -> None:
         sqlalchemy_url("mysql://u@h/d")
 
 
+def test_a_missing_extra_names_its_pip_line() -> None:
+    from adapted_embeddings.errors import ConfigurationError
+    from adapted_embeddings.postgres.extras import require
+
+    with pytest.raises(ConfigurationError, match=r"pip install 'adapted-embeddings\[pgvector\]'"):
+        require("no_such_pg_driver", "pgvector", what="SpaceCheckedPGVector")
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, adapted_embeddings.postgres; "
+            "print(sorted(m for m in ('sqlalchemy', 'psycopg', 'pgserver') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert imported.stdout.strip() == "[]"  # the package itself stays light
+
+
 # --- LangChain PGVector -------------------------------------------------------------------
 
 
