@@ -1,11 +1,25 @@
 """Adapter translate+confidence speed: one query, and per row in batches of 1,024 (medians).
 
-    python benchmarks/adapter_speed.py [--repeats 200]
+    python benchmarks/adapter_speed.py [--rounds 15] [--calls 60] [--out PATH]
+    python benchmarks/adapter_speed.py --instructions [--adapter NAME]   # needs valgrind
+
+On a shared machine run it with ``OPENBLAS_NUM_THREADS=1``: with every core busy, a
+two-thread matrix product waits for a second core to free up and its time measures the
+scheduler, not the product (the setting is recorded in the JSON).
 
 Every registry adapter is timed through the public ``Adapter.translate`` (input checks
-included) on real MiniLM/e5-shaped unit vectors. A bare float32 ``384 x 1536`` matmul is
-timed beside it as the machine's reference point. Prints a table and writes
-``benchmarks/results/adapter_speed.json``.
+included) on real-shaped unit vectors. Beside them, in the same rounds, a bare float32
+``384 x 1536`` matmul is timed as the machine's reference point: one row (a vector-matrix
+product) for the single query and 1,024 rows for the batch. Adapters and references are
+interleaved round by round, so load from other processes hits them alike; each figure is
+the median over all rounds of each round's median.
+
+Wall-clock time on a shared machine moves with the load, so ``--instructions`` also counts
+the work: it runs one adapter's forward under ``valgrind --tool=callgrind`` (one BLAS
+thread) and reports CPU instructions per single query and per batch row. Instruction counts
+do not depend on what else the machine is doing.
+
+Prints a table and writes ``benchmarks/results/adapter_speed.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -14,87 +28,192 @@ import argparse
 import json
 import os
 import platform
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from adapted_embeddings import Adapter
-from adapted_embeddings.registry import list_adapters
-
 RESULTS = Path(__file__).parent / "results" / "adapter_speed.json"
+BATCH = 1024
+DEFAULT_ADAPTER = "minilm-l6-to-ada-002"
 
 
-def median_seconds(fn: object, repeats: int) -> float:
-    call = fn  # type: ignore[assignment]
-    for _ in range(max(3, repeats // 10)):
-        call()  # type: ignore[operator]
+def round_median(call: Callable[[], object], calls: int) -> float:
+    """Median seconds of ``calls`` back-to-back calls (after one warm-up call)."""
+    call()
     times = []
-    for _ in range(repeats):
+    for _ in range(calls):
         start = time.perf_counter()
-        call()  # type: ignore[operator]
+        call()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=200)
-    args = parser.parse_args()
+def unit_rows(rng: np.random.Generator, rows: int, dims: int) -> np.ndarray:
+    """Random unit-length float32 rows."""
+    batch = rng.standard_normal((rows, dims)).astype(np.float32)
+    batch /= np.linalg.norm(batch, axis=1, keepdims=True)
+    return batch
+
+
+def time_adapters(rounds: int, calls: int) -> dict[str, object]:
+    """Interleaved medians for every registry adapter and the two reference matmuls."""
+    from adapted_embeddings import Adapter
+    from adapted_embeddings.registry import list_adapters
+
     rng = np.random.default_rng(0)
-    rows: list[dict[str, object]] = []
-    reference_batch = rng.standard_normal((1024, 384)).astype(np.float32)
-    reference_matrix = rng.standard_normal((384, 1536)).astype(np.float32)
-    reference = median_seconds(lambda: reference_batch @ reference_matrix, args.repeats // 4)
+    matrix = rng.standard_normal((384, 1536)).astype(np.float32)
+    reference_batch = unit_rows(rng, BATCH, 384)
+    reference_row = reference_batch[0]
+    jobs: dict[str, Callable[[], object]] = {
+        "reference:row": lambda: reference_row @ matrix,
+        "reference:batch": lambda: reference_batch @ matrix,
+    }
+    adapters = {}
     for entry in list_adapters():
         adapter = Adapter.load(entry.path)
-        d = adapter.source.dimensions
-        batch = rng.standard_normal((1024, d)).astype(np.float32)
-        batch /= np.linalg.norm(batch, axis=1, keepdims=True)
-        single = batch[0]
-        one = median_seconds(lambda a=adapter, s=single: a.translate(s), args.repeats)
-        many = median_seconds(lambda a=adapter, b=batch: a.translate(b), args.repeats // 4)
+        adapters[adapter.name] = (adapter, entry.path)
+        batch = unit_rows(rng, BATCH, adapter.source.dimensions)
+        jobs[f"{adapter.name}:one"] = lambda a=adapter, s=batch[0]: a.translate(s)
+        jobs[f"{adapter.name}:batch"] = lambda a=adapter, b=batch: a.translate(b)
+    samples: dict[str, list[float]] = {key: [] for key in jobs}
+    for _ in range(rounds):
+        for key, job in jobs.items():
+            samples[key].append(round_median(job, calls if key.endswith(("one", "row")) else 8))
+    median = {key: float(np.median(values)) for key, values in samples.items()}
+    rows = []
+    for name, (adapter, path) in adapters.items():
         arch = adapter.manifest.architecture
         rows.append(
             {
-                "adapter": adapter.name,
+                "adapter": name,
                 "flavor": adapter.flavor,
                 "basis_rank": arch.basis_rank,
                 "hidden_dim": arch.hidden_dim,
                 "ood_rank": arch.ood_rank,
-                "size_mb": round(
-                    sum(p.stat().st_size for p in entry.path.iterdir() if p.is_file()) / 1e6, 2
-                ),
-                "single_query_ms": one * 1e3,
-                "per_row_us_batch_1024": many / 1024 * 1e6,
+                "size_mb": round(sum(p.stat().st_size for p in path.iterdir()) / 1e6, 2),
+                "single_query_ms": median[f"{name}:one"] * 1e3,
+                "per_row_us_batch_1024": median[f"{name}:batch"] / BATCH * 1e6,
             }
         )
-    print(
-        f"{'adapter':32s} {'flavor':7s} {'r':>4s} {'H':>4s} {'MB':>5s} "
-        f"{'1 query (ms)':>13s} {'per row @1024 (us)':>19s}"
-    )
-    for row in rows:
+    return {
+        "reference_row_matmul_ms": median["reference:row"] * 1e3,
+        "reference_matmul_us_per_row": median["reference:batch"] / BATCH * 1e6,
+        "adapters": rows,
+    }
+
+
+# -- instruction counts under callgrind -----------------------------------------------------
+
+
+def _run_workload(adapter_name: str, mode: str, repeats: int) -> None:
+    """Load the adapter, warm up both paths, then run ``repeats`` forwards of ``mode``."""
+    from adapted_embeddings import Adapter
+    from adapted_embeddings.registry import find_adapter
+
+    adapter = Adapter.load(find_adapter(name=adapter_name).path)
+    batch = unit_rows(np.random.default_rng(0), BATCH, adapter.source.dimensions)
+    adapter.translate(batch[0])
+    adapter.translate(batch)
+    work = batch[0] if mode == "one" else batch
+    for _ in range(repeats):
+        adapter.translate(work)
+
+
+def _callgrind_total(adapter_name: str, mode: str, repeats: int) -> int:
+    """Instructions executed by a whole process running ``repeats`` forwards."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "callgrind.out"
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONHASHSEED="0")
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            __file__,
+            "--workload",
+            adapter_name,
+            mode,
+            str(repeats),
+        ]
+        subprocess.run(command, check=True, env=env, capture_output=True)
+        summary = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        assert summary is not None, "no totals line in the callgrind output"
+        return int(summary.group(1))
+
+
+def count_instructions(adapter_name: str) -> dict[str, float]:
+    """Instructions per single query and per batch row: (run with N) - (run with 0), / N."""
+    base = _callgrind_total(adapter_name, "one", 0)
+    single_n, batch_n = 400, 4
+    single = (_callgrind_total(adapter_name, "one", single_n) - base) / single_n
+    batch = (_callgrind_total(adapter_name, "batch", batch_n) - base) / batch_n / BATCH
+    return {"single_query_instructions": single, "per_row_instructions_batch_1024": batch}
+
+
+def main() -> None:
+    """Time every adapter (or count instructions for one) and write the JSON results."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    parser.add_argument("--calls", type=int, default=60, help="single-query calls per round")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--instructions", action="store_true", help="count under callgrind")
+    parser.add_argument("--adapter", default=DEFAULT_ADAPTER, help="adapter to count")
+    parser.add_argument("--workload", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.workload:
+        name, mode, repeats = args.workload
+        _run_workload(name, mode, int(repeats))
+        return
+    results: dict[str, object] = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_average_before": os.getloadavg(),
+            "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        },
+        "method": "median over rounds of per-round medians; adapters and references "
+        "interleaved in every round",
+    }
+    if args.instructions:
+        counted = count_instructions(args.adapter)
+        results["instructions"] = {"adapter": args.adapter, **counted}
         print(
-            f"{row['adapter']:32s} {row['flavor']:7s} {row['basis_rank']:4d} "
-            f"{row['hidden_dim']:4d} {row['size_mb']:5.2f} {row['single_query_ms']:13.4f} "
-            f"{row['per_row_us_batch_1024']:19.2f}"
+            f"{args.adapter}: {counted['single_query_instructions'] / 1e6:.3f} M instructions "
+            f"per single query, {counted['per_row_instructions_batch_1024'] / 1e6:.3f} M per "
+            "row at batch 1,024 (callgrind, 1 BLAS thread)"
         )
-    print(
-        f"reference: bare float32 1024x384 @ 384x1536 matmul = {reference / 1024 * 1e6:.2f} us/row"
-    )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "machine": {"processor": platform.processor(), "cpus": os.cpu_count()},
-                "reference_matmul_us_per_row": reference / 1024 * 1e6,
-                "adapters": rows,
-            },
-            indent=2,
+        if args.out.exists():  # keep the timings already recorded in the same file
+            previous = json.loads(args.out.read_text())
+            previous["instructions"] = results["instructions"]
+            results = previous
+    else:
+        timed = time_adapters(args.rounds, args.calls)
+        results.update(timed)
+        results["machine"]["load_average_after"] = os.getloadavg()  # type: ignore[index]
+        print(
+            f"{'adapter':32s} {'flavor':7s} {'r':>4s} {'H':>4s} {'MB':>5s} "
+            f"{'1 query (ms)':>13s} {'per row @1024 (us)':>19s}"
         )
-        + "\n"
-    )
-    print(f"wrote {RESULTS}")
+        for row in timed["adapters"]:  # type: ignore[attr-defined]
+            print(
+                f"{row['adapter']:32s} {row['flavor']:7s} {row['basis_rank']:4d} "
+                f"{row['hidden_dim']:4d} {row['size_mb']:5.2f} {row['single_query_ms']:13.4f} "
+                f"{row['per_row_us_batch_1024']:19.2f}"
+            )
+        print(
+            f"{'reference 384x1536 matmul':54s} {timed['reference_row_matmul_ms']:13.4f} "
+            f"{timed['reference_matmul_us_per_row']:19.2f}"
+        )
+        print(f"load average before/after: {results['machine']}")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
