@@ -28,6 +28,7 @@ Plain SQL:
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import warnings
@@ -405,7 +406,12 @@ class SpaceGuard(BaseModel):
                     f"dimensions but space {self.space.id} has {self.space.dimensions}"
                 )
         if len(vectors):
-            self.space.check_vectors(np.asarray(vectors, dtype=np.float32), what=what)
+            flat = np.fromiter(
+                itertools.chain.from_iterable(vectors),
+                dtype=np.float32,
+                count=len(vectors) * self.space.dimensions,
+            )
+            self.space.check_vectors(flat.reshape(len(vectors), -1), what=what)
 
 
 class SpaceCheck(BaseModel):
