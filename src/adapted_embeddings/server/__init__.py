@@ -18,6 +18,7 @@ from adapted_embeddings.errors import ConfigurationError
 
 try:
     import fastapi  # noqa: F401
+    import orjson  # noqa: F401
     import uvicorn  # noqa: F401
 except ImportError as exc:
     raise ConfigurationError(

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,13 +38,10 @@ from adapted_embeddings.server.openai_errors import (
     error_response,
 )
 from adapted_embeddings.server.schemas import (
-    EmbeddingItem,
     EmbeddingRequest,
-    EmbeddingResponse,
     ErrorDetail,
     ModelCard,
     ModelList,
-    Usage,
 )
 from adapted_embeddings.spaces import EmbeddingSpace
 from adapted_embeddings.tokens import default_token_counter
@@ -229,7 +227,9 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
     async def prometheus(request: Request) -> Response:
         authorize(request)
         metrics.in_flight = admission.active
-        return Response(metrics.render(pipeline), media_type=CONTENT_TYPE)
+        report = pipeline.quality_report() if pipeline.learner is not None else None
+        quality = report.as_dict() if report is not None else None
+        return Response(metrics.render(pipeline, quality), media_type=CONTENT_TYPE)
 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
@@ -238,24 +238,27 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or a 413 once it passes ``limit`` bytes (read no further than needed)."""
     declared = request.headers.get("content-length")
-    too_large = OpenAIStyleError(
-        413,
-        f"The request body is larger than the server's limit of {limit} bytes; send fewer "
-        "or shorter inputs per request.",
-        code="request_too_large",
-    )
     if declared is not None and declared.isdigit() and int(declared) > limit:
         await _drain(request, int(declared))
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             await _drain(request, size)
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> OpenAIStyleError:
+    return OpenAIStyleError(
+        413,
+        f"The request body is larger than the server's limit of {limit} bytes; send fewer "
+        "or shorter inputs per request.",
+        code="request_too_large",
+    )
 
 
 async def _drain(request: Request, size: int) -> None:
@@ -377,22 +380,26 @@ def _response_body(
     space: EmbeddingSpace,
     prepared: PreparedInputs,
 ) -> bytes:
+    """The :class:`EmbeddingResponse` JSON, written by orjson straight from float32 arrays.
+
+    Floats are the shortest text that reads back as the same float32 (as OpenAI sends them),
+    about 3x faster to write and half the bytes of float64 text.
+    """
     as_base64 = payload.encoding_format == "base64"
     data = [
-        EmbeddingItem.model_construct(
-            object="embedding",
-            index=index,
-            embedding=_base64(result) if as_base64 else result.vector.tolist(),
-            route=result.route,
-            confidence=None if result.confidence is None else float(result.confidence),
-        )
+        {
+            "object": "embedding",
+            "index": index,
+            "embedding": _base64(result) if as_base64 else result.vector,
+            "route": result.route,
+            "confidence": None if result.confidence is None else float(result.confidence),
+            "audited": result.audited,
+        }
         for index, result in enumerate(results)
     ]
-    usage = Usage.model_construct(prompt_tokens=prepared.tokens, total_tokens=prepared.tokens)
-    response = EmbeddingResponse.model_construct(
-        object="list", data=data, model=space.model, usage=usage
-    )
-    return response.model_dump_json().encode()
+    usage = {"prompt_tokens": prepared.tokens, "total_tokens": prepared.tokens}
+    response = {"object": "list", "data": data, "model": space.model, "usage": usage}
+    return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _base64(result: EmbeddingResult) -> str:

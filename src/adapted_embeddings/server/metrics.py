@@ -107,6 +107,20 @@ class ServerMetrics:
         )
         _simple(
             lines,
+            "audited_texts_total",
+            "counter",
+            "Texts the gate kept local but sent to the provider to audit the adapter.",
+            stats.audited,
+        )
+        _simple(
+            lines,
+            "pairs_stored",
+            "gauge",
+            "(local, provider) vector pairs kept for adapt().",
+            stats.pairs_stored,
+        )
+        _simple(
+            lines,
             "provider_requests_total",
             "counter",
             "HTTP requests made to the upstream provider.",
@@ -143,7 +157,12 @@ class ServerMetrics:
         for path, histogram in histograms:
             lines.extend(histogram.lines(name, f'path="{path}",'))
         if quality:
-            _family(lines, "quality", "gauge", "Audited adapter quality (quality_report()).")
+            _family(
+                lines,
+                "quality",
+                "gauge",
+                "Audited quality of the local route (pipeline.quality_report(); booleans as 0/1).",
+            )
             for key, value in sorted(quality.items()):
                 number = _number(value)
                 if number is not None:

@@ -50,6 +50,10 @@ class EmbeddingItem(BaseModel):
     confidence: float | None = Field(
         description="Extension: the adapter's confidence in [0, 1], null when not scored."
     )
+    audited: bool = Field(
+        description="Extension: true when a text the gate would have kept local was sent to "
+        "the provider to audit the adapter (the vector is then the provider's)."
+    )
 
 
 class Usage(BaseModel):
