@@ -17,19 +17,25 @@ when the user opts in.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import hmac
 import logging
 import os
 import sqlite3
+import stat
 import struct
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import diskcache
 import numpy as np
 
+from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.spaces import EmbeddingSpace
 from adapted_embeddings.types import Role
 
@@ -42,9 +48,15 @@ Version 1 (adapted-embeddings 0.1) keyed provider vectors by adapter and role; i
 are ignored, never misread, and age out under the size limit.
 """
 
-# Value layout: magic, route code, confidence, dimensions, float32 vector, optional UTF-8 text.
-_MAGIC = b"AE1"
+# Value layout: magic, route code, confidence, dimensions, float32 vector, optional UTF-8
+# text, then a checksum of (key, all of the above). "AE1" values (no checksum) read as misses.
+_MAGIC = b"AE2"
 _HEADER = struct.Struct("<3sBfI")
+_CHECKSUM_BYTES = 8
+_NORM_TOLERANCE = 1e-2  # every vector this library returns (and caches) is unit length
+_DATABASE = "cache.db"  # diskcache's database file
+_RECOVERY_LOCK = "recovery.lock"
+T = TypeVar("T")
 _ROUTE_CODES: dict[str, int] = {"local": 1, "provider": 2}
 _CODE_ROUTES = {code: route for route, code in _ROUTE_CODES.items()}
 # Leases live beside the entries (a different key space: entry keys are bare hex digests).
@@ -98,19 +110,101 @@ def _digest(*parts: str) -> str:
     return digest.hexdigest()
 
 
+_WAYS_OUT = "pass cache_dir= with a directory you own, or cache=False to run without a cache"
+PRIVATE_SUBDIRECTORY = "adapted-embeddings-private"
+"""Used inside an existing cache directory that others can read (see ensure_private_directory)."""
+
+
 def ensure_private_directory(directory: Path) -> Path:
-    """Create ``directory`` with mode 0700, tightening it if we own it and it is looser."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.stat()
-    if info.st_mode & 0o077:
-        if info.st_uid == os.getuid():
-            directory.chmod(0o700)
+    """The private (0700) directory to keep the cache in, creating it if needed.
+
+    Only a directory this library creates gets a mode set (0700, whatever the umask). An
+    existing directory's mode is never changed, so a sticky, group-shared or symlinked
+    directory stays as its owner set it:
+
+    * ours and private: used as is;
+    * ours but readable or writable by others (say a 0755 project directory): a warning,
+      and the cache goes in its private subdirectory :data:`PRIVATE_SUBDIRECTORY`;
+    * world-writable and another user's (like ``/tmp``): refused, as anyone could plant
+      entries there;
+    * another user's, otherwise: used, with a warning that they can read the embeddings.
+
+    Raises:
+        ConfigurationError: If the path is a file, a dangling symlink, cannot be created
+            or written, or is refused as above; the message names the directory and the
+            ways out (``cache_dir=``, ``cache=False``).
+
+    """
+    directory = directory.expanduser()
+    _refuse_non_directory(directory)
+    if not directory.exists():
+        try:
+            directory.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass  # another process made it a moment ago: check it like any existing one
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot create the cache directory {directory}: {exc.strerror or exc}; {_WAYS_OUT}"
+            ) from None
         else:
+            directory.chmod(0o700)  # ours: drop a setgid bit inherited from the parent
+            return _writable(directory)
+    info = directory.stat()
+    if info.st_uid != os.getuid():
+        if info.st_mode & stat.S_IWOTH:
+            raise ConfigurationError(
+                f"cache directory {directory} is writable by everyone and owned by another "
+                f"user, so anyone could plant cache entries there; {_WAYS_OUT}"
+            )
+        if info.st_mode & 0o077:
             logger.warning(
-                "cache directory %s is readable by others and not owned by this user; "
-                "embeddings can leak the text they were made from",
+                "cache directory %s belongs to another user, who can read the embeddings "
+                "(they can leak the texts they were made from)",
                 directory,
             )
+        return _writable(directory)
+    if info.st_mode & 0o077:
+        private = directory / PRIVATE_SUBDIRECTORY
+        _refuse_non_directory(private)
+        if not private.exists():
+            logger.warning(
+                "cache directory %s is open to others (mode %o); keeping the cache in its "
+                "private subdirectory %s instead (its mode is left as it is)",
+                directory,
+                stat.S_IMODE(info.st_mode),
+                private,
+            )
+            with contextlib.suppress(FileExistsError):
+                private.mkdir(mode=0o700)
+                private.chmod(0o700)
+        if stat.S_IMODE(private.stat().st_mode) & 0o077 or private.stat().st_uid != os.getuid():
+            raise ConfigurationError(
+                f"cache directory {private} is open to others or not yours; {_WAYS_OUT}"
+            )
+        return _writable(private)
+    return _writable(directory)
+
+
+def _refuse_non_directory(path: Path) -> None:
+    """Raise if ``path`` is a file, a dangling symlink, or anything else but a directory."""
+    if path.is_symlink() and not path.exists():
+        raise ConfigurationError(
+            f"cache directory {path} is a symlink to {os.readlink(path)}, which does not "
+            f"exist: not a directory; {_WAYS_OUT}"
+        )
+    if path.exists() and not path.is_dir():
+        raise ConfigurationError(f"cache directory {path} is a file, not a directory; {_WAYS_OUT}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigurationError(
+                f"cache directory {path} cannot exist: {parent} is a file, not a directory; "
+                f"{_WAYS_OUT}"
+            )
+
+
+def _writable(directory: Path) -> Path:
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"cache directory {directory} is not writable; {_WAYS_OUT}")
     return directory
 
 
@@ -134,42 +228,106 @@ class EmbeddingCache:
 
     Several processes may share one directory: diskcache serialises writers through SQLite,
     and every entry is written in a single transaction, so a reader sees a whole entry or none.
+
+    A damaged database (overwritten, truncated, its table dropped) is moved aside as
+    ``cache.db.damaged-<UTC time>`` for inspection and replaced by an empty one, with one
+    warning; the operation that found it is retried once on the new database.
     """
 
     def __init__(
-        self, directory: str | Path, *, size_limit_mb: int = 1024, store_text: bool = False
+        self,
+        directory: str | Path,
+        *,
+        size_limit_mb: int = 1024,
+        store_text: bool = False,
+        lock_timeout: float = 60.0,
     ) -> None:
-        """Open (creating if needed) the cache in ``directory``."""
-        self.directory = ensure_private_directory(Path(directory).expanduser())
+        """Open (creating if needed) the cache in ``directory``.
+
+        ``lock_timeout`` is how long a write waits for another process's transaction;
+        past it the write is skipped with a warning (results are still returned).
+
+        Raises:
+            ConfigurationError: If the directory cannot hold a private cache (see
+                :func:`ensure_private_directory`) or its database cannot be opened.
+
+        """
+        self.directory = ensure_private_directory(Path(directory))
         self.size_limit_bytes = size_limit_mb * 1024 * 1024
         self.store_text = store_text
-        # "least-recently-stored" eviction keeps reads read-only; LRU would turn every hit
-        # into a SQLite write, which is what a cache hit must not cost.
-        self._cache = diskcache.Cache(
-            str(self.directory),
-            disk=_DataOnlyDisk,
-            size_limit=self.size_limit_bytes,
-            eviction_policy="least-recently-stored",
-            # Readers wait for a writer instead of failing while another process commits.
-            timeout=60,
-        )
+        self.lock_timeout = lock_timeout
         self._lock = threading.Lock()
+        self._recovery_lock = threading.Lock()
         self._hits = self._misses = self._rejected = 0
+        self._warned_integrity = False
+        self._cache = self._open()
+
+    def _open(self) -> diskcache.Cache:
+        def connect() -> diskcache.Cache:
+            # "least-recently-stored" eviction keeps reads read-only; LRU would turn every
+            # hit into a SQLite write, which is what a cache hit must not cost.
+            return diskcache.Cache(
+                str(self.directory),
+                disk=_DataOnlyDisk,
+                size_limit=self.size_limit_bytes,
+                eviction_policy="least-recently-stored",
+                # Readers wait for a writer instead of failing while another process commits.
+                timeout=self.lock_timeout,
+            )
+
+        try:
+            # One process at a time checks and creates, so none moves aside a database
+            # another is still creating.
+            with _file_lock(self.directory / _RECOVERY_LOCK):
+                problem = _damage(self.directory / _DATABASE, self.lock_timeout)
+                if problem is not None:
+                    self._move_aside(problem)
+                return connect()
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigurationError(
+                f"cannot open the cache in {self.directory}: {exc}; {_WAYS_OUT}"
+            ) from None
+
+    def _run(self, operation: Callable[[], T]) -> T:
+        """Run a storage operation; on a damaged database, recover and retry it once."""
+        try:
+            return operation()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise
+            self._recover(exc)
+            return operation()
+
+    def _recover(self, error: BaseException) -> None:
+        """Replace a damaged database, unless another thread or process already did."""
+        with self._recovery_lock:
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._cache.close()
+            with _file_lock(self.directory / _RECOVERY_LOCK):
+                if not _healthy(self.directory / _DATABASE):
+                    self._move_aside(error)
+            self._cache = self._open()
+
+    def _move_aside(self, error: BaseException | str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        database = self.directory / _DATABASE
+        aside = database.with_name(f"{_DATABASE}.damaged-{stamp}-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            database.rename(aside)
+        for suffix in ("-wal", "-shm"):  # the write-ahead log belongs to the damaged file
+            with contextlib.suppress(FileNotFoundError):
+                database.with_name(_DATABASE + suffix).rename(aside.with_name(aside.name + suffix))
+        logger.warning(
+            "the cache database in %s was damaged (%s); moved it aside as %s and started an "
+            "empty one",
+            self.directory,
+            error,
+            aside.name,
+        )
 
     def get_many(self, keys: list[str], *, dimensions: int) -> list[CachedEmbedding | None]:
         """Look up keys; a missing, stale or malformed entry is a miss, never an error."""
-        found: list[CachedEmbedding | None] = []
-        for key in keys:
-            try:
-                raw = self._cache.get(key)
-            except (sqlite3.Error, OSError) as exc:  # a damaged cache must not stop embedding
-                logger.warning("cache read failed, treating as a miss: %s", exc)
-                raw = None
-            entry = _decode(raw, dimensions) if isinstance(raw, bytes) else None
-            if raw is not None and entry is None:
-                # Never serve a vector we cannot fully vouch for; drop it so it is rebuilt.
-                self._delete_quietly(key)
-            found.append(entry)
+        found = self._read(keys, dimensions)
         with self._lock:
             hits = sum(entry is not None for entry in found)
             self._hits += hits
@@ -180,26 +338,62 @@ class EmbeddingCache:
         """Store entries; vectors must be finite (callers validate before reaching here)."""
         if not items:
             return
-        encoded = [(key, _encode(entry, self.store_text)) for key, entry in items]
-        try:
+        encoded = [(key, _encode(key, entry, self.store_text)) for key, entry in items]
+
+        def write() -> None:
             # One transaction for the whole batch: faster, and all-or-nothing on a crash.
             with self._cache.transact():
                 for key, value in encoded:
                     self._cache.set(key, value)
+
+        try:
+            self._run(write)
+        except diskcache.Timeout:
+            logger.warning(
+                "another process held the cache's write lock for over %g s; %d results are "
+                "returned but not cached",
+                self.lock_timeout,
+                len(items),
+            )
         except (sqlite3.Error, OSError) as exc:
             logger.warning("cache write failed; results are returned but not cached: %s", exc)
 
     def peek_provider_vectors(self, keys: list[str], *, dimensions: int) -> list[np.ndarray | None]:
         """Provider vectors stored under keys (None elsewhere), without counting hits."""
-        found: list[np.ndarray | None] = []
-        for key in keys:
-            try:
-                raw = self._cache.get(key)
-            except (sqlite3.Error, OSError):
-                raw = None
-            entry = _decode(raw, dimensions) if isinstance(raw, bytes) else None
-            found.append(entry.vector if entry is not None and entry.route == "provider" else None)
+        found = self._read(keys, dimensions)
+        return [e.vector if e is not None and e.route == "provider" else None for e in found]
+
+    def _read(self, keys: list[str], dimensions: int) -> list[CachedEmbedding | None]:
+        """Entries under keys; unreadable ones are misses, and ones failing checks are dropped."""
+        try:
+            raws = self._run(lambda: [self._cache.get(key) for key in keys])
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            logger.warning("cache read failed, treating %d keys as misses: %s", len(keys), exc)
+            return [None] * len(keys)
+        found: list[CachedEmbedding | None] = []
+        for key, raw in zip(keys, raws, strict=True):
+            entry = None
+            if isinstance(raw, bytes):
+                try:
+                    entry = _decode(key, raw, dimensions)
+                except _DamagedEntryError as exc:
+                    self._note_damaged(key, exc)
+            if raw is not None and entry is None:
+                # Never serve a vector we cannot fully vouch for; drop it so it is rebuilt.
+                self._delete_quietly(key)
+            found.append(entry)
         return found
+
+    def _note_damaged(self, key: str, error: _DamagedEntryError) -> None:
+        with self._lock:
+            first, self._warned_integrity = not self._warned_integrity, True
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "cache entry %s... failed its integrity check (%s); dropped and treated as a miss%s",
+            key[:12],
+            error,
+            " (further ones are logged at DEBUG)" if first else "",
+        )
 
     # -- leases: which caller, in any process sharing this directory, is fetching a key ----
 
@@ -222,8 +416,9 @@ class EmbeddingCache:
             damaged cache must not stop embedding, it only loses the coordination.
 
         """
-        holders: list[bytes | None] = []
-        try:
+
+        def take() -> list[bytes | None]:
+            holders: list[bytes | None] = []
             with self._cache.transact():  # one atomic step against every other process
                 for key in keys:
                     lease = _LEASE_PREFIX + key
@@ -237,27 +432,34 @@ class EmbeddingCache:
                         holders.append(None)
                     else:
                         holders.append(current if isinstance(current, bytes) else b"")
+            return holders
+
+        try:
+            return self._run(take)
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             logger.warning("could not take cache leases; fetching without them: %s", exc)
             return [None] * len(keys)
-        return holders
 
     def holders(self, keys: list[str]) -> list[bytes | None]:
         """Current (unexpired) lease holder of each key, None where nobody holds one."""
         try:
-            values = [self._cache.get(_LEASE_PREFIX + key) for key in keys]
-        except (sqlite3.Error, OSError) as exc:  # unreadable: waiters fetch for themselves
+            values = self._run(lambda: [self._cache.get(_LEASE_PREFIX + key) for key in keys])
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:  # waiters fetch themselves
             logger.warning("could not read cache leases: %s", exc)
             return [None] * len(keys)
         return [v if isinstance(v, bytes) else None for v in values]
 
     def release(self, keys: list[str], holder: bytes) -> None:
         """Drop the leases ``holder`` still holds on keys (not ones re-taken after expiry)."""
-        try:
+
+        def drop() -> None:
             with self._cache.transact():
                 for key in keys:
                     if self._cache.get(_LEASE_PREFIX + key) == holder:
                         self._cache.delete(_LEASE_PREFIX + key)
+
+        try:
+            self._run(drop)
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:  # they expire on their own
             logger.warning("could not release cache leases: %s", exc)
 
@@ -267,13 +469,18 @@ class EmbeddingCache:
             self._rejected += count
 
     def stats(self) -> CacheStats:
-        """Entry count and size on disk, plus hits and misses seen by this process."""
+        """Entry count and size on disk, plus hits and misses seen by this process.
+
+        A damaged database is replaced first (see the class docstring), so this never
+        fails on one.
+        """
         with self._lock:
             hits, misses, rejected = self._hits, self._misses, self._rejected
+        entries, size = self._run(lambda: (len(self._cache), int(self._cache.volume())))
         return CacheStats(
             directory=str(self.directory),
-            entries=len(self._cache),
-            size_bytes=int(self._cache.volume()),
+            entries=entries,
+            size_bytes=size,
             size_limit_bytes=self.size_limit_bytes,
             hits=hits,
             misses=misses,
@@ -281,8 +488,8 @@ class EmbeddingCache:
         )
 
     def clear(self) -> int:
-        """Remove every entry; returns how many were removed."""
-        return int(self._cache.clear())
+        """Remove every entry; returns how many were removed (a damaged database: 0)."""
+        return int(self._run(lambda: self._cache.clear()))
 
     def close(self) -> None:
         """Close the underlying SQLite connections."""
@@ -293,26 +500,99 @@ class EmbeddingCache:
             self._cache.delete(key)
 
 
-def _encode(entry: CachedEmbedding, store_text: bool) -> bytes:
+class _DamagedEntryError(ValueError):
+    """A stored value that fails its checksum, finiteness or length check."""
+
+
+def _checksum(key: str, body: bytes) -> bytes:
+    """Binds a value to its key: a value copied or swapped under another key fails."""
+    return hashlib.blake2b(key.encode() + b"\0" + body, digest_size=_CHECKSUM_BYTES).digest()
+
+
+def _encode(key: str, entry: CachedEmbedding, store_text: bool) -> bytes:
     vector = np.ascontiguousarray(entry.vector, dtype="<f4")
     # A provider vector fetched without scoring (provider mode) has no confidence: store -1.
     confidence = -1.0 if entry.confidence is None else entry.confidence
     header = _HEADER.pack(_MAGIC, _ROUTE_CODES[entry.route], confidence, vector.size)
     text = entry.text.encode("utf-8", "surrogatepass") if store_text and entry.text else b""
-    return header + vector.tobytes() + text
+    body = header + vector.tobytes() + text
+    return body + _checksum(key, body)
 
 
-def _decode(raw: bytes, dimensions: int) -> CachedEmbedding | None:
-    if len(raw) < _HEADER.size:
-        return None
-    magic, route_code, confidence, size = _HEADER.unpack_from(raw)
+def _decode(key: str, raw: bytes, dimensions: int) -> CachedEmbedding | None:
+    """The entry stored under ``key``, or None for another format or width.
+
+    Raises:
+        _DamagedEntryError: If the value fails its checksum (tampered, truncated, swapped
+            with another key's) or holds a non-finite or non-unit vector.
+
+    """
+    if len(raw) < _HEADER.size + _CHECKSUM_BYTES or raw[:3] != _MAGIC:
+        return None  # an older format (never misread, simply rebuilt) or not ours
+    body, checksum = raw[:-_CHECKSUM_BYTES], raw[-_CHECKSUM_BYTES:]
+    if not hmac.compare_digest(checksum, _checksum(key, body)):
+        raise _DamagedEntryError("checksum mismatch")
+    _, route_code, confidence, size = _HEADER.unpack_from(body)
     end = _HEADER.size + 4 * size
-    if magic != _MAGIC or size != dimensions or len(raw) < end or route_code not in _CODE_ROUTES:
+    if size != dimensions or len(body) < end or route_code not in _CODE_ROUTES:
         return None
-    vector = np.frombuffer(raw, dtype="<f4", count=size, offset=_HEADER.size)
+    vector = np.frombuffer(body, dtype="<f4", count=size, offset=_HEADER.size)
     if not (np.isfinite(vector).all() and np.isfinite(confidence)):
-        return None
-    text = raw[end:].decode("utf-8", "surrogatepass") if len(raw) > end else None
+        raise _DamagedEntryError("non-finite values")
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if abs(norm - 1.0) > _NORM_TOLERANCE:
+        raise _DamagedEntryError(f"vector norm {norm:.4g}, expected 1")
+    try:
+        text = body[end:].decode("utf-8", "surrogatepass") if len(body) > end else None
+    except UnicodeDecodeError as exc:
+        raise _DamagedEntryError(f"stored text is not UTF-8: {exc.reason}") from None
     route = _CODE_ROUTES[route_code]
     score = None if confidence < 0 else float(confidence)
     return CachedEmbedding(vector, route, score, text)  # type: ignore[arg-type]
+
+
+_DAMAGE_MESSAGES = ("not a database", "malformed", "no such table", "disk image", "corrupt")
+
+
+def _is_damage(error: sqlite3.DatabaseError) -> bool:
+    """True for a damaged database file; False for a busy or locked one (that passes)."""
+    message = str(error).lower()
+    return any(marker in message for marker in _DAMAGE_MESSAGES)
+
+
+def _damage(database: Path, timeout: float) -> str | None:
+    """What is wrong with an existing ``database`` at open time (cheap checks), or None."""
+    if not database.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=timeout)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        return str(exc) if _is_damage(exc) else None  # busy or locked is not damage
+    if "Settings" in tables and "Cache" not in tables:
+        return "its Cache table is missing"
+    return None
+
+
+def _healthy(database: Path) -> bool:
+    """Whether ``database`` opens, passes SQLite's quick check and has diskcache's table."""
+    if not database.exists():
+        return True  # nothing to move aside: diskcache creates it
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=5)) as db:
+            ok = db.execute("PRAGMA quick_check").fetchone()
+            db.execute("SELECT COUNT(*) FROM Cache").fetchone()
+            return bool(ok) and ok[0] == "ok"
+    except sqlite3.DatabaseError:
+        return False
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes, so only one of them replaces the database."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

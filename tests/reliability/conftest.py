@@ -111,8 +111,14 @@ def make_rig(adapter: Adapter, encoder: SourceEncoder, tmp_path: Path) -> Iterat
         document_threshold: float | None = None,
         api_key: str | None = None,
         cache_dir: Path | None = None,
+        store_text: bool = False,
+        lock_timeout: float = 60.0,
     ) -> Rig:
-        cache = EmbeddingCache(cache_dir or tmp_path / f"cache-{len(built)}")
+        cache = EmbeddingCache(
+            cache_dir or tmp_path / f"cache-{len(built)}",
+            store_text=store_text,
+            lock_timeout=lock_timeout,
+        )
         provider = OpenAIEmbeddingProvider(
             ProviderSettings(
                 base_url=base_url,

@@ -53,7 +53,7 @@ def assert_cache_entries_valid(rig: Rig) -> int:
     keys = list(raw.iterkeys())
     for key in keys:
         value = raw[key]
-        assert isinstance(value, bytes) and _decode(value, rig.pipeline.space.dimensions), key
+        assert isinstance(value, bytes) and _decode(key, value, rig.pipeline.space.dimensions), key
     return len(keys)
 
 

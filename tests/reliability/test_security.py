@@ -53,12 +53,20 @@ def test_the_cache_directory_is_created_0700_whatever_the_umask(tmp_path: Path) 
     cache.close()
 
 
-def test_a_loose_existing_cache_directory_is_tightened(tmp_path: Path) -> None:
-    directory = tmp_path / "cache"
-    directory.mkdir(mode=0o777)
-    directory.chmod(0o777)
-    EmbeddingCache(directory).close()
-    assert mode_of(directory) == 0o700
+def test_a_loose_existing_cache_directory_is_left_alone_and_a_private_one_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "project"
+    directory.mkdir()
+    directory.chmod(0o2775)  # a group-shared project directory
+    with caplog.at_level(logging.WARNING, logger="adapted_embeddings"):
+        cache = EmbeddingCache(directory)
+    cache.close()
+    assert mode_of(directory) == 0o2775  # never changed
+    assert cache.directory == directory / "adapted-embeddings-private"
+    assert mode_of(cache.directory) == 0o700
+    assert (cache.directory / "cache.db").exists() and not (directory / "cache.db").exists()
+    assert "private subdirectory" in caplog.text
 
 
 def test_the_default_cache_directory_is_private(
@@ -85,7 +93,7 @@ def test_keys_are_hashes_and_texts_are_stored_only_when_opted_in(
         keys = [row[0] for row in db.execute("SELECT key FROM Cache")]
     assert len(keys) == len(texts)
     assert all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)
-    assert set(keys) == set(rig.keys(texts))
+    assert set(keys) <= set(rig.keys(texts)) | set(rig.provider_keys(texts))
     on_disk = all_bytes_under(directory)
     assert (b"zebra-quokka-4711" in on_disk) is store_text
     assert b"confidential merger" not in on_disk or store_text
@@ -123,7 +131,7 @@ def test_a_pickle_planted_in_the_cache_is_never_unpickled(
     marker = tmp_path / "pickle-ran"
     # Someone with write access to the directory plants a pickle under the real key.
     with diskcache.Cache(str(directory)) as raw:
-        raw.set(rig.keys(texts)[0], _Payload(marker))
+        raw.set(rig.provider_keys(texts)[0], _Payload(marker))
 
     results = rig.pipeline.embed(texts)
 
