@@ -215,7 +215,7 @@ def run(url: str, args: argparse.Namespace) -> None:
     first = query_rows[0]
     print(f"\nquery: {corpus.texts[first][:90]}")
     for doc, distance in store.similarity_search_with_score(corpus.texts[first], k=3):
-        clue = doc.page_content.removeprefix("jeopardy question ")[:80]
+        clue = doc.page_content.removeprefix("jeopardy question ")[:80].rstrip()
         print(f"  {1 - distance:.3f}  [{doc.metadata['category']}] {clue}")
 
     n = len(query_rows)
