@@ -113,8 +113,12 @@ def run_ray(count: int, actors: int, workdir: Path) -> dict[str, Any]:
 
     def watch() -> None:  # peak RSS of each actor process, from the kernel's high-water mark
         while not stop.is_set():
-            for process in psutil.process_iter(["pid", "cmdline"]):
-                if "MapWorker" in " ".join(process.info["cmdline"] or []):
+            for process in psutil.Process().children(recursive=True):  # our Ray only
+                try:
+                    cmdline = " ".join(process.cmdline())
+                except psutil.Error:
+                    continue
+                if "MapWorker" in cmdline:
                     try:
                         status = Path(f"/proc/{process.pid}/status").read_text()
                     except OSError:
