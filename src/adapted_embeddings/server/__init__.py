@@ -1,7 +1,7 @@
 """``adapted-embeddings serve``: the pipeline behind an OpenAI-compatible ``/v1/embeddings``.
 
 Importing this package needs the ``serve`` extra (FastAPI and uvicorn); without it a
-:class:`~adapted_embeddings.errors.ConfigurationError` names the pip line to run.
+:class:`~adapted_embeddings.errors.MissingExtraError` names the pip line to run.
 
 Example:
     .. code-block:: python
@@ -14,19 +14,12 @@ Example:
 
 """
 
-from adapted_embeddings.errors import ConfigurationError
+from adapted_embeddings.extras import require
 
-try:
-    import fastapi  # noqa: F401
-    import orjson  # noqa: F401
-    import uvicorn  # noqa: F401
-except ImportError as exc:
-    raise ConfigurationError(
-        f"the server needs FastAPI and uvicorn ({exc.name} is missing): "
-        "pip install 'adapted-embeddings[serve]'"
-    ) from exc
+for _module in ("fastapi", "uvicorn", "orjson"):
+    require(_module, "serve", needed_for="adapted_embeddings.server")
 
-from adapted_embeddings.server.app import create_app, create_app_from_environment
-from adapted_embeddings.server.config import ServerSettings
+from adapted_embeddings.server.app import create_app, create_app_from_environment  # noqa: E402
+from adapted_embeddings.server.config import ServerSettings  # noqa: E402
 
 __all__ = ["ServerSettings", "create_app", "create_app_from_environment"]
