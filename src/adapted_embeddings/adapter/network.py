@@ -152,9 +152,8 @@ def prepare(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if all(key in weights for key in _QUALITY_KEYS):
         heads, bias, hidden_weights = _fold_heads(weights, hidden_dim)
         prepared["fused.heads"], prepared["fused.heads_bias"] = heads, bias
-        if (
-            "quality.hidden.weight" not in weights
-        ):  # logistic head: the single-row path reads these as Python floats
+        if "quality.hidden.weight" not in weights:
+            # A logistic head: the single-row path reads these ten as Python floats.
             prepared["fused.heads_scalars"] = np.concatenate([heads.T.ravel(), bias])
         residual.append(0.5 * hidden_weights)
     if hidden_dim:
