@@ -254,10 +254,14 @@ def provider_limiter(
     # much longer belongs to a worker that died.
     lease_seconds = provider.timeout * 2 + 30.0
     actor_class = ray.remote(ProviderRateLimiter)
-    actor_class.options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=10_000).remote(
-        concurrent, tokens_per_minute, lease_seconds
-    )
+    # The driver keeps the handle: a named actor nobody holds a handle to is collected.
+    _LIMITERS[name] = actor_class.options(
+        name=name, get_if_exists=True, num_cpus=0, max_concurrency=10_000
+    ).remote(concurrent, tokens_per_minute, lease_seconds)
     return name
+
+
+_LIMITERS: dict[str, Any] = {}
 
 
 def limiter_snapshot(name: str) -> dict[str, Any]:
