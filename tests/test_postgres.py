@@ -484,12 +484,19 @@ def test_two_processes_write_one_collection_and_lose_no_rows(
     assert distinct == 500
 
 
-def terminate_when_blocked(url: str, table: str, done: threading.Event) -> threading.Thread:
-    """From another connection, kill the backend whose INSERT into `table` waits on a lock."""
+def terminate_when_blocked(
+    url: str, table: str, blocker: psycopg.Connection, done: threading.Event
+) -> threading.Thread:
+    """From another connection, kill the backend whose INSERT into `table` waits on a lock.
+
+    If none shows up within 10 minutes, the blocker's backend is killed instead, so the
+    test fails (``done`` stays unset) rather than hanging.
+    """
+    blocker_pid = blocker.info.backend_pid
 
     def run() -> None:
         with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 pid = conn.execute(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
@@ -501,6 +508,7 @@ def terminate_when_blocked(url: str, table: str, done: threading.Event) -> threa
                     done.set()
                     return
                 time.sleep(0.01)
+            conn.execute("SELECT pg_terminate_backend(%s)", (blocker_pid,))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -525,7 +533,7 @@ def test_langchain_connection_dropped_mid_batch_leaves_nothing(
             (ids[-1], uuid_, json.dumps(vectors[0])),
         )
         killed = threading.Event()
-        killer = terminate_when_blocked(db_url, "langchain_pg_embedding", killed)
+        killer = terminate_when_blocked(db_url, "langchain_pg_embedding", blocker, killed)
         with pytest.raises(sqlalchemy.exc.OperationalError):
             store.add_embeddings(ids, batch, ids=ids)
         killer.join()
@@ -545,17 +553,17 @@ def test_llama_index_connection_dropped_mid_batch_leaves_nothing(
         embed_model=llama_ada, connection_string=db_url, table_name="docs"
     )
     vector = llama_ada.get_text_embedding(TEXTS[0])
-    nodes = [TextNode(text=f"t{i}", id_=f"node-{i:04d}", embedding=vector) for i in range(2500)]
+    nodes = [TextNode(text=f"t{i}", id_=f"node-{i:04d}", embedding=vector) for i in range(1200)]
     assert store.space_recorded
     # LlamaIndex's table has no unique key besides its serial id; one on node_id lets an
-    # uncommitted row of another session hold the batch up after its first 2,000 rows
+    # uncommitted row of another session hold the batch up after its first 1,000 rows
     # (SQLAlchemy sends them 1,000 per INSERT) have been written.
     with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
         conn.execute("CREATE UNIQUE INDEX data_docs_node_id ON data_docs (node_id)")
     with psycopg.connect(libpq_url(db_url)) as blocker:
-        blocker.execute("INSERT INTO data_docs (node_id, text) VALUES ('node-2400', 'held')")
+        blocker.execute("INSERT INTO data_docs (node_id, text) VALUES ('node-1100', 'held')")
         killed = threading.Event()
-        killer = terminate_when_blocked(db_url, "public.data_docs", killed)
+        killer = terminate_when_blocked(db_url, "public.data_docs", blocker, killed)
         with pytest.raises(sqlalchemy.exc.OperationalError):
             store.add(nodes)
         killer.join()
@@ -563,4 +571,4 @@ def test_llama_index_connection_dropped_mid_batch_leaves_nothing(
         blocker.rollback()
     assert scalar(db_url, "SELECT count(*) FROM data_docs") == 0
     store.add(nodes)
-    assert scalar(db_url, "SELECT count(*) FROM data_docs") == 2500
+    assert scalar(db_url, "SELECT count(*) FROM data_docs") == 1200
