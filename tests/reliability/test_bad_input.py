@@ -91,7 +91,7 @@ def assert_cache_intact(rig: Rig) -> None:
     for key in raw_cache.iterkeys():
         value = raw_cache[key]
         assert isinstance(value, bytes), key
-        assert _decode(value, rig.pipeline.space.dimensions) is not None, key
+        assert _decode(key, value, rig.pipeline.space.dimensions) is not None, key
 
 
 def embed_twice_and_check(rig: Rig, texts: list[str], role: str) -> None:
