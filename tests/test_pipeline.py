@@ -345,3 +345,45 @@ def test_local_mode_serves_its_cached_vectors_whatever_the_threshold(
     assert [r.route for r in again] == ["cache"] * 3
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a.vector, b.vector)
+
+
+def test_texts_longer_than_the_local_window_lose_confidence(
+    e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    # MiniLM reads 256 word pieces; the provider reads the whole text. The part MiniLM never
+    # saw is content the local vector cannot carry, so confidence is scaled by coverage.
+    sentence = "The Nile flows north through eleven countries into the Mediterranean Sea. "
+    long_text = sentence * 60  # ~900 word pieces
+    embeddings = embedder(e5_adapter_path, recording_proxy, tmp_path, mode="local")
+    adapter, encoder = embeddings.pipeline.adapter, embeddings.pipeline.encoder
+    assert adapter is not None
+    counts = encoder.token_counts([long_text, sentence])  # type: ignore[attr-defined]
+    assert counts[0] > 3 * 256 and counts[1] < 256
+
+    result = embeddings.embed_with_info([long_text, sentence])
+    raw = adapter.translate(encoder.encode([long_text, sentence]))[1]
+    coverage = 256 / min(counts[0], adapter.manifest.architecture.max_target_tokens or counts[0])
+    assert result[0].confidence == pytest.approx(raw[0] * coverage**0.5, rel=1e-4)
+    assert result[1].confidence == pytest.approx(raw[1], rel=1e-4)  # short: untouched
+
+    # In hybrid mode the long text is routed where its raw confidence would have kept it.
+    threshold = float(raw[0] * coverage**0.5 + raw[0]) / 2
+    hybrid = embedder(
+        e5_adapter_path, recording_proxy, tmp_path / "h", document_threshold=threshold
+    )
+    assert [r.route for r in hybrid.embed_with_info([long_text])] == ["provider"]
+    assert recording_proxy.texts == [long_text]
+
+
+def test_returned_vectors_are_independent_and_always_writable(
+    e5_adapter_path: Path, tmp_path: Path
+) -> None:
+    embeddings = embedder(e5_adapter_path, None, tmp_path, mode="local")
+    for attempt in ("fresh", "cached"):
+        results = embeddings.embed_with_info(["m", "x", "m"])
+        assert results[0].route == ("local" if attempt == "fresh" else "cache")
+        expected = results[2].vector.copy()
+        results[0].vector /= 2  # writable, whether computed or read from the cache
+        assert np.array_equal(results[2].vector, expected)  # the duplicate is its own array
+    again = embeddings.embed_with_info(["m"])[0]
+    assert np.allclose(again.vector, expected)  # and the cache was not touched

@@ -33,6 +33,7 @@ from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cache import CachedEmbedding, EmbeddingCache, cache_key, provider_cache_key
 from adapted_embeddings.encoders import SourceEncoder
 from adapted_embeddings.errors import ConfigurationError, InvalidInputError, ProviderError
+from adapted_embeddings.learning.lineage import lineage
 from adapted_embeddings.learning.pairs import PairKind, PairRecord
 from adapted_embeddings.provider import OpenAIEmbeddingProvider, ProviderOutcome
 from adapted_embeddings.settings import GateSettings
@@ -281,6 +282,9 @@ class EmbeddingPipeline:
                 target=self.space,
                 settings=self.learner.settings,
                 options=options,
+                parent_thresholds=None
+                if self.adapter is None
+                else {role: self.threshold(role) for role in ROLES},
             )
             if report.switched and report.adapter is not None:
                 self.use_adapter(report.adapter)
@@ -348,18 +352,59 @@ class EmbeddingPipeline:
                 confident.append(u)
             else:
                 plan.for_provider.append(u)
-        if mode == "hybrid" and self.learner is not None:
-            auditable = [u for u in confident if not _blank(unique_texts[u])]
-            plan.audited = set(self.learner.choose_audits(adapter, auditable))
-        for u in confident:
-            if u in plan.audited:
-                plan.for_provider.append(u)
-            else:
-                plan.results[u] = self._result(
-                    plan.local_vectors[u], plan.local_confidence[u], "local"
-                )
-                plan.fresh_local.append(u)
+        if mode != "hybrid":
+            plan.fresh_local.extend(confident)
+        else:
+            # After adapt(), what an earlier adapter of this lineage already embedded is
+            # neither paid for again nor audited again: re-indexing the same texts is free.
+            known = self._embedded_by_ancestors(plan, missing)
+            for u in plan.for_provider:
+                if u in known:
+                    plan.results[u] = self._result(known[u].vector, known[u].confidence, "cache")
+            plan.for_provider = [u for u in plan.for_provider if u not in known]
+            if self.learner is not None:
+                auditable = [u for u in confident if not _blank(unique_texts[u]) and u not in known]
+                plan.audited = set(self.learner.choose_audits(adapter, auditable))
+            plan.for_provider += [u for u in confident if u in plan.audited]
+            plan.fresh_local.extend(u for u in confident if u not in plan.audited)
+        for u in plan.fresh_local:
+            plan.results[u] = self._result(plan.local_vectors[u], plan.local_confidence[u], "local")
         return plan
+
+    def _embedded_by_ancestors(
+        self, plan: _Plan, candidates: list[int]
+    ) -> dict[int, CachedEmbedding]:
+        """Texts an earlier adapter of this lineage kept local, with their cached entries.
+
+        An entry counts if its confidence reached the threshold that adapter was held to
+        when ``adapt()`` replaced it (the guard's raise included), so vectors the guard had
+        found wanting are not revived.
+        """
+        assert plan.adapter is not None
+        ancestors = (lineage(plan.adapter.manifest) or {}).get("ancestors", [])
+        found: dict[int, CachedEmbedding] = {}
+        if self.cache is None or not ancestors:
+            return found
+        pending = [u for u in candidates if not _blank(plan.unique_texts[u])]
+        for ancestor in ancestors:
+            if not pending:
+                break
+            threshold = float(ancestor["thresholds"][plan.role])
+            keys = [
+                cache_key(
+                    space=self.space,
+                    adapter_id=ancestor["id"],
+                    role=plan.role,
+                    text=plan.unique_texts[u],
+                )
+                for u in pending
+            ]
+            entries = self.cache.get_many(keys, dimensions=self.space.dimensions)
+            for u, entry in zip(pending, entries, strict=True):
+                if entry is not None and (entry.confidence or 0.0) >= threshold:
+                    found[u] = entry
+            pending = [u for u in pending if u not in found]
+        return found
 
     def _plan_cold_start(self, plan: _Plan, missing: list[int]) -> None:
         """No adapter yet: everything goes to the provider, and is learned from."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from adapted_embeddings.adapter.manifest import AdapterManifest
 from adapted_embeddings.adapter.persistence import read_manifest
 from adapted_embeddings.errors import AdapterLoadError, AdapterNotFoundError
+from adapted_embeddings.learning.lineage import lineage
 from adapted_embeddings.spaces import EmbeddingSpace
 
 BUILTIN_ADAPTER_DIR = Path(__file__).resolve().parent / "adapters"
@@ -133,11 +134,11 @@ def newest_adapted(
     """The newest adapter ``adapt()`` saved in ``directory`` for exactly (source, target)."""
     candidates = []
     for entry in _scan(Path(directory).expanduser(), builtin=False):
-        lineage = entry.manifest.training.get("lineage")
-        if not isinstance(lineage, dict):
+        recorded = lineage(entry.manifest)
+        if recorded is None:
             continue
         if entry.manifest.source == source and entry.manifest.target == target:
-            candidates.append((float(lineage.get("created_unix", 0.0)), entry.name, entry))
+            candidates.append((float(recorded.get("created_unix", 0.0)), entry.name, entry))
     return max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
 
 

@@ -34,18 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from adapted_embeddings.adapter import Adapter, AdapterManifest
+from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.adapter.network import gelu, l2_normalize, prepare, translate_with_features
 from adapted_embeddings.errors import AdaptationError
 from adapted_embeddings.learning.audit import QualityFloor
+from adapted_embeddings.learning.lineage import LINEAGE_KEY, lineage
 from adapted_embeddings.learning.pairs import PairSet, PairStore
 from adapted_embeddings.settings import LearningSettings
 from adapted_embeddings.spaces import EmbeddingSpace
 
 logger = logging.getLogger(__name__)
-
-LINEAGE_KEY = "lineage"
-"""Key of the ``training`` section of an adapted adapter's manifest that records its lineage."""
 
 _RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 _SHA_PLACEHOLDER = "0" * 64
@@ -145,6 +143,7 @@ def adapt(
     settings: LearningSettings,
     options: AdaptOptions | None = None,
     adapter_dir: Path | None = None,
+    parent_thresholds: dict[str, float] | None = None,
 ) -> AdaptationReport:
     """Fit a domain adapter from the stored pairs of (source, target).
 
@@ -156,6 +155,9 @@ def adapt(
         settings: Learning settings (for the adapter directory).
         options: Fitting options.
         adapter_dir: Overrides where the adapter is saved.
+        parent_thresholds: The parent's thresholds in force, per role (the guard's raise
+            included). The new adapter records them, so the parent's accepted local vectors
+            keep being served from the cache (see ``ancestors`` in :func:`lineage`).
 
     Returns:
         The report; ``report.adapter`` is the new adapter when ``report.switched``.
@@ -207,7 +209,9 @@ def adapt(
         seconds=0.0,
     )
     if better:
-        adapter = _finalise(candidate, parent, threshold, floor, report, options.seed)
+        adapter = _finalise(
+            candidate, parent, threshold, floor, report, options.seed, parent_thresholds
+        )
         if options.save:
             directory = adapter_dir or adapted_adapter_dir(settings, store.directory)
             report.path = _save(adapter, directory, parent, source, target)
@@ -474,6 +478,7 @@ def _finalise(
     floor: QualityFloor,
     report: AdaptationReport,
     seed: int,
+    parent_thresholds: dict[str, float] | None,
 ) -> Adapter:
     manifest = candidate.manifest.model_copy(deep=True)
     manifest.recommended_threshold = float(np.clip(threshold, 0.0, 1.0))
@@ -505,9 +510,23 @@ def _finalise(
             "created": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(),
             "created_unix": now,
             "seed": seed,
+            "ancestors": _ancestors(parent, parent_thresholds),
         },
     }
     return Adapter(manifest, {k: np.array(v) for k, v in candidate.weights.items()})
+
+
+MAX_ANCESTORS = 3
+"""Generations whose accepted local vectors stay servable from the cache after adapt()."""
+
+
+def _ancestors(parent: Adapter | None, thresholds: dict[str, float] | None) -> list[dict[str, Any]]:
+    """The parent (with the thresholds it was held to) and its own nearest ancestors."""
+    if parent is None:
+        return []
+    held_to = thresholds or {role: parent.recommended_threshold for role in ("query", "document")}
+    inherited = (lineage(parent.manifest) or {}).get("ancestors", [])
+    return [{"id": parent.id, "thresholds": held_to}, *inherited][:MAX_ANCESTORS]
 
 
 def _root_name(parent: Adapter | None, candidate: Adapter) -> str:
@@ -543,12 +562,6 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "adapter"
 
 
-def lineage(manifest: AdapterManifest) -> dict[str, Any] | None:
-    """The lineage an adapted adapter records (None for a trained or built-in one)."""
-    value = manifest.training.get(LINEAGE_KEY)
-    return value if isinstance(value, dict) else None
-
-
 def _centred_cosine_rows(a: np.ndarray, b: np.ndarray, mean: np.ndarray) -> np.ndarray:
     from adapted_embeddings.training.metrics import centred_cosine_rows
 
@@ -574,5 +587,4 @@ __all__ = [
     "adapt",
     "adapted_adapter_dir",
     "basis_coefficients",
-    "lineage",
 ]

@@ -145,7 +145,7 @@ class AuditTracker:
         self.floor = QualityFloor.of(adapter)
         self.settings = settings
         self._window: deque[AuditRecord] = deque(maxlen=settings.audit_window)
-        self._total = 0
+        self._chosen = len(history)  # audits taken (some may still be in flight)
         self._raised: float | None = None
         self._lock = threading.Lock()
         self.record(history, warn=False)
@@ -159,9 +159,26 @@ class AuditTracker:
         """Share of local texts to audit now: heavier while audits are few; 0 turns them off."""
         if self.settings.audit_rate == 0:
             return 0.0
-        if self._total < self.settings.warmup_audits:
+        if self._chosen < self.settings.warmup_audits:
             return max(self.settings.audit_rate, self.settings.warmup_audit_rate)
         return self.settings.audit_rate
+
+    def choose(self, draws: np.ndarray) -> np.ndarray:
+        """Which of the candidates (one uniform draw each) to audit.
+
+        The warm-up rate applies to at most the ``warmup_audits`` first audits of this
+        adapter, however large the batch, so the extra cost of a warm-up is bounded.
+        """
+        with self._lock:
+            if self.settings.audit_rate == 0:
+                return np.zeros(len(draws), dtype=bool)
+            chosen = draws < self.settings.audit_rate
+            budget = self.settings.warmup_audits - self._chosen
+            if budget > 0:
+                warm = np.flatnonzero(draws < max(self.settings.warmup_audit_rate, 0.0))
+                chosen[warm[:budget]] = True
+            self._chosen += int(chosen.sum())
+            return chosen
 
     def record(self, audits: Sequence[AuditRecord], *, warn: bool = True) -> None:
         """Add audits, then let the guard look at the evidence."""
@@ -169,7 +186,6 @@ class AuditTracker:
             return
         with self._lock:
             self._window.extend(audits)
-            self._total += len(audits)
             raised = self._guard()
             tripped_now = raised is not None and (self._raised is None or raised > self._raised)
             if tripped_now:

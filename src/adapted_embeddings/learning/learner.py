@@ -72,12 +72,12 @@ class DomainLearner:
 
     def choose_audits(self, adapter: Adapter, candidates: Sequence[int]) -> list[int]:
         """A random share of the texts the gate keeps local, to be checked by the provider."""
-        rate = self.tracker(adapter).audit_rate()
-        if not candidates or rate <= 0:
+        if not candidates:
             return []
         with self._lock:
             draws = self._rng.random(len(candidates))
-        return [c for c, draw in zip(candidates, draws, strict=True) if draw < rate]
+        chosen = self.tracker(adapter).choose(draws)
+        return [c for c, pick in zip(candidates, chosen, strict=True) if pick]
 
     def raised_threshold(self, adapter: Adapter) -> float | None:
         """The guard's threshold for ``adapter`` (None while it has not tripped)."""
