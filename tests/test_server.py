@@ -542,3 +542,27 @@ def test_command_drains_in_flight_requests_on_sigterm_and_never_shows_the_upstre
     assert "upstream provider failed" in log
     assert "Shutting down" in log and "Finished server process" in log
     assert upstream_key not in log
+
+
+@pytest.mark.slow
+def test_command_with_two_workers_serves_and_requires_its_token(tmp_path: Path) -> None:
+    server = start_command_server(
+        ["--mode", "local", "--workers", "2", "--cache-dir", str(tmp_path / "cache")],
+        tmp_path / "serve.log",
+        env={"ADAPTED_EMBEDDINGS_SERVER_API_KEY": TOKEN},
+    )
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key=TOKEN)
+        texts = [f"worker text {i}" for i in range(6)]
+        answers = [client.embeddings.create(model=ADA, input=t) for t in texts]
+        assert all(len(a.data[0].embedding) == 1536 for a in answers)
+        denied = httpx.post(f"{server.base_url}/embeddings", json={"input": "x", "model": ADA})
+        assert denied.status_code == 401
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    log = server.output()
+    assert log.count("Started server process") >= 2
+    assert "died" not in log

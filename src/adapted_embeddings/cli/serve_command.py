@@ -14,6 +14,8 @@ from adapted_embeddings.cli.app import app, handle_errors
 from adapted_embeddings.cli.embed_command import CLI_HINT, ModeChoice
 from adapted_embeddings.errors import ConfigurationError
 
+WORKER_HEALTHCHECK_SECONDS = 60
+
 
 @app.command("serve")
 @handle_errors
@@ -155,6 +157,9 @@ def _run_workers(
         "adapted_embeddings.server.app:create_app_from_environment",
         factory=True,
         workers=settings.workers,
+        # A worker importing torch and loading the model can miss uvicorn's 5 s ping on a
+        # busy machine and be killed and restarted over and over; give it a minute.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
         **common,
     )
 
