@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -38,11 +39,17 @@ class EvaluationSet:
     labels: np.ndarray | None
     target_mean: np.ndarray
 
+    @cached_property
+    def native_top1(self) -> np.ndarray:
+        """Each query's native top-1 neighbour (self excluded), computed once."""
+        return metrics.top_k_excluding_self(self.native_queries, self.corpus, self.query_index, 1)[
+            :, 0
+        ]
+
 
 def query_metrics(queries: np.ndarray, data: EvaluationSet) -> dict[str, float]:
     """Every retrieval/fidelity metric of one set of query vectors (in the target space)."""
     neighbours = metrics.top_k_excluding_self(queries, data.corpus, data.query_index, 10)
-    native = metrics.top_k_excluding_self(data.native_queries, data.corpus, data.query_index, 1)
     ranks = metrics.self_rank(queries, data.corpus, data.query_index)
     result = {
         "mean_cosine": float(metrics.cosine_rows(queries, data.native_queries).mean()),
@@ -52,7 +59,7 @@ def query_metrics(queries: np.ndarray, data: EvaluationSet) -> dict[str, float]:
     }
     for k in (1, 5, 10):
         result[f"self_r@{k}"] = float((ranks < k).mean())
-    for k, value in metrics.neighbour_agreement(neighbours, native[:, 0]).items():
+    for k, value in metrics.neighbour_agreement(neighbours, data.native_top1).items():
         result[f"neighbour_r@{k}"] = value
     if data.labels is not None:
         result["category_p@10"] = metrics.category_precision(
@@ -66,10 +73,9 @@ def source_only_metrics(
 ) -> dict[str, float]:
     """Metrics when query *and* corpus stay in the source space (no adapter, no provider)."""
     neighbours = metrics.top_k_excluding_self(source_queries, source_corpus, data.query_index, 10)
-    native = metrics.top_k_excluding_self(data.native_queries, data.corpus, data.query_index, 1)
     ranks = metrics.self_rank(source_queries, source_corpus, data.query_index)
     result: dict[str, float] = {f"self_r@{k}": float((ranks < k).mean()) for k in (1, 5, 10)}
-    for k, value in metrics.neighbour_agreement(neighbours, native[:, 0]).items():
+    for k, value in metrics.neighbour_agreement(neighbours, data.native_top1).items():
         result[f"neighbour_r@{k}"] = value
     if data.labels is not None:
         result["category_p@10"] = metrics.category_precision(
@@ -94,8 +100,9 @@ def evaluate_adapter(
     data: EvaluationSet,
     *,
     fallback_rates: Sequence[float] = FALLBACK_RATES,
+    oracle: bool = True,
 ) -> dict[str, Any]:
-    """Metrics at each fallback rate (by confidence and by an oracle), plus confidence stats."""
+    """Metrics at each fallback rate (by confidence and, unless not wanted, by an oracle)."""
     quality = metrics.centred_cosine_rows(translated, data.native_queries, data.target_mean)
     by_confidence = np.argsort(confidence, kind="stable")
     by_truth = np.argsort(quality, kind="stable")
@@ -105,7 +112,7 @@ def evaluate_adapter(
         result["routed"][key] = query_metrics(
             routed(translated, by_confidence, share, data.native_queries), data
         )
-        if share:
+        if share and oracle:
             result["oracle"][key] = query_metrics(
                 routed(translated, by_truth, share, data.native_queries), data
             )
