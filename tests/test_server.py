@@ -12,6 +12,8 @@ import asyncio
 import base64
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -566,3 +568,18 @@ def test_command_with_two_workers_serves_and_requires_its_token(tmp_path: Path) 
     log = server.output()
     assert log.count("Started server process") >= 2
     assert "died" not in log
+
+
+def test_without_fastapi_the_error_names_the_serve_extra() -> None:
+    script = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "try:\n"
+        "    import adapted_embeddings.server\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.startswith("MissingExtraError"), result.stdout + result.stderr
+    assert "pip install 'adapted-embeddings[serve]'" in result.stdout
