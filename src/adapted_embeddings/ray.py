@@ -253,11 +253,15 @@ def provider_limiter(
     # One attempt lasts at most ``timeout`` seconds (the provider's deadline); a slot held
     # much longer belongs to a worker that died.
     lease_seconds = provider.timeout * 2 + 30.0
+    if name in _LIMITERS:  # keep the first handle: it owns the actor's lifetime
+        return name
     actor_class = ray.remote(ProviderRateLimiter)
     # The driver keeps the handle: a named actor nobody holds a handle to is collected.
-    _LIMITERS[name] = actor_class.options(
+    handle = actor_class.options(
         name=name, get_if_exists=True, num_cpus=0, max_concurrency=10_000
     ).remote(concurrent, tokens_per_minute, lease_seconds)
+    ray.get(handle.snapshot.remote())  # started and registered before any worker looks it up
+    _LIMITERS[name] = handle
     return name
 
 
@@ -267,7 +271,8 @@ _LIMITERS: dict[str, Any] = {}
 def limiter_snapshot(name: str) -> dict[str, Any]:
     """The counters of the limiter actor ``name`` (see :meth:`ProviderRateLimiter.snapshot`)."""
     ray = require_ray()
-    return dict(ray.get(ray.get_actor(name).snapshot.remote()))
+    handle = _LIMITERS.get(name) or ray.get_actor(name)
+    return dict(ray.get(handle.snapshot.remote()))
 
 
 # -- the workers -----------------------------------------------------------------------------
