@@ -29,7 +29,11 @@ class EngineChoice(str, Enum):
 def embed_dataset_command(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="Parquet, JSONL or CSV/TSV files (by extension).", show_default=False),
+        typer.Argument(
+            metavar="INPUT",
+            help="Parquet, JSONL or CSV/TSV files (by extension).",
+            show_default=False,
+        ),
     ],
     output: Annotated[
         Path,
@@ -50,7 +54,10 @@ def embed_dataset_command(
     ] = None,
     actors: Annotated[
         int | None,
-        typer.Option(min=1, help="Ray actors (each loads the model once). Default: CPUs / cpus."),
+        typer.Option(
+            min=1,
+            help="Ray actors (each loads the model once). Default: CPUs / --cpus-per-actor.",
+        ),
     ] = None,
     cpus_per_actor: Annotated[
         float, typer.Option(min=0.1, help="CPUs (and model threads) per Ray actor.")
@@ -101,8 +108,8 @@ def embed_dataset_command(
 ) -> None:
     """Embed the text column of files into Parquet, with the space in each file's metadata.
 
-    Every input column is kept; ``embedding``, ``confidence`` and ``route`` are added. The
-    output directory gets one file per ROWS_PER_FILE rows of each input, each written
+    Every input column is kept; embedding, confidence and route are added. The output
+    directory gets one file per --rows-per-file rows of each input, each written
     atomically, so a killed run restarted with the same arguments skips the files already
     written (with either engine). Inputs are checked completely before any embedding.
     """
