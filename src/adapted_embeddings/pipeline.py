@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +38,7 @@ from adapted_embeddings.provider import OpenAIEmbeddingProvider, ProviderOutcome
 from adapted_embeddings.settings import GateSettings
 from adapted_embeddings.singleflight import SingleFlight
 from adapted_embeddings.spaces import EmbeddingSpace, ensure_same_space
+from adapted_embeddings.text_checks import check_encodable
 from adapted_embeddings.types import ROLES, Role, Route
 
 if TYPE_CHECKING:
@@ -516,14 +516,9 @@ class EmbeddingPipeline:
         self.cache.put_many(entries)
 
     def _lease_seconds(self, texts: int) -> float:
-        """The longest a provider call for ``texts`` texts can take, with every retry."""
+        """How long a lease lasts: the longest the provider call can take, and a margin."""
         assert self.provider is not None
-        limits = self.provider.settings
-        rounds = math.ceil(
-            math.ceil(texts / limits.max_inputs_per_request) / limits.max_concurrent_requests
-        )
-        per_request = limits.timeout * (limits.max_retries + 1) + 8.0 * limits.max_retries
-        return rounds * per_request + 10.0
+        return self.provider.max_call_seconds(texts) + 10.0
 
     # -- finish: provider outcome, cache write, pairs, ordering --------------------------
 
@@ -691,23 +686,9 @@ def _deduplicate(texts: Sequence[str]) -> tuple[list[str], list[int]]:
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is {type(text).__name__}, expected str: {text!r:.80}")
-        if not text.isascii():
-            _check_encodable(text, index)
+        check_encodable(text, f"texts[{index}]")
         positions.append(first_seen.setdefault(text, len(first_seen)))
     return list(first_seen), positions
-
-
-def _check_encodable(text: str, index: int) -> None:
-    # A lone surrogate (e.g. from a bad decode with errors="surrogateescape") has no UTF-8
-    # form: the tokenizer raises a bare TypeError and the provider request cannot even be
-    # serialised, failing every other text in its batch. Reject it here, by position.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(
-            f"texts[{index}] is not valid Unicode: {exc.reason} at character {exc.start} "
-            f"({text[exc.start : exc.start + 1]!r}); decode your input with errors='replace'"
-        ) from None
 
 
 def _blank(text: str) -> bool:
