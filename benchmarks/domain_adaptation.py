@@ -2,10 +2,11 @@
 
 For each scenario: stream the first half of a corpus through ``embed_documents`` in hybrid
 mode with default settings (audits on), call ``adapt()`` once, then embed the second half
-with ``embed_with_info(role="document")``. The second half is compared with the same
-embedder that never adapted (``before``), on texts neither saw in ``adapt()``:
+with ``embed_with_info(role="document")``. The second half is compared with a control arm
+that streamed the same first half but never adapted (``before``), on texts ``adapt()``
+never saw:
 
-* routed: share of the second half sent to the provider;
+* routed: share of the second half sent to the provider (fallbacks and audits: all paid);
 * R@10: share of texts whose native nearest neighbour (among the second half's native
   vectors) is in the top 10 of the returned vector, native = 1.0;
 * P@10 ratio (labelled corpora): category precision@10 of the returned vectors against the
@@ -93,7 +94,9 @@ def run_scenario(
     half = len(texts) // 2
     first, second = texts[:half], texts[half:]
     with tempfile.TemporaryDirectory() as before_dir, tempfile.TemporaryDirectory() as cache_dir:
+        # The control arm: the same stream, the same audits, no adapt().
         baseline = make(Path(before_dir))
+        stream(baseline, first)
         baseline_results = baseline.embed_with_info(second, role="document")
 
         embeddings = make(Path(cache_dir))
