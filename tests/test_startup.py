@@ -28,10 +28,13 @@ HEAVY = ("torch", "transformers", "sentence_transformers")
 
 
 def run_python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    # In-process CLI tests may have set HF_HUB_DISABLE_PROGRESS_BARS (the training and serve
+    # commands do); a probe of the loading bar must not inherit it.
     environment = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("ADAPTED_EMBEDDINGS_") and k not in ("OPENAI_API_KEY",)
+        if not k.startswith("ADAPTED_EMBEDDINGS_")
+        and k not in ("OPENAI_API_KEY", "HF_HUB_DISABLE_PROGRESS_BARS")
     }
     environment.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **env)
     completed = subprocess.run(
