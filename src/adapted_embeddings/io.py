@@ -206,34 +206,14 @@ def _read_delimited(path: Path, delimiter: str, limit: int | None) -> tuple[list
 
 
 def _read_jsonl(path: Path, limit: int | None) -> tuple[list[str], Rows]:
+    """The first ``limit`` records (all if None) and every column they use, in order seen."""
     columns: dict[str, None] = {}
     rows: Rows = []
-    try:
-        with path.open(encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if limit is not None and len(rows) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputFileError(
-                        f"{path} line {number} is not valid JSON: {exc.msg}"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise InputFileError(
-                        f"{path} line {number} is a JSON {type(record).__name__}, expected an "
-                        'object such as {"text": "..."}'
-                    )
-                columns.update(dict.fromkeys(record))
-                rows.append((number, record))
-    except UnicodeDecodeError as exc:
-        raise InputFileError(
-            f"{path} is not valid UTF-8 (bad byte at offset {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for number, record in _iter_jsonl(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        columns.update(dict.fromkeys(record))
+        rows.append((number, record))
     return list(columns), rows
 
 

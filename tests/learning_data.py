@@ -1,13 +1,20 @@
-"""Real texts of a domain the registry adapters never saw: Python standard-library docstrings.
+"""What the learning tests and benchmark stream: a new domain, and a confidently-wrong adapter.
 
-They ship with every Python, so tests need no download; the order is fixed, so every run
-streams the same texts.
+* Python standard-library docstrings: a domain the registry adapters never saw. They ship
+  with every Python, so nothing is downloaded, and the order is fixed.
+* :func:`confidently_wrong`: an adapter whose every vector is wrong while every confidence
+  is what it was, to test the guard.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
+
+import numpy as np
+
+from adapted_embeddings.adapter import Adapter
 
 _MODULES = (
     "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
@@ -40,3 +47,17 @@ def stdlib_docstrings(limit: int) -> list[str]:
                 if len(texts) == limit:
                     return texts
     return texts
+
+
+def confidently_wrong(adapter: Adapter, directory: Path) -> Path:
+    """Save ``adapter`` with its output dimensions shuffled, and return the directory.
+
+    The quality features (hidden units, OOD statistics, norms) do not change, so every
+    confidence is as before; every vector points elsewhere.
+    """
+    weights = {name: np.array(tensor) for name, tensor in adapter.weights.items()}
+    order = np.random.default_rng(0).permutation(adapter.target.dimensions)
+    weights["decoder.weight"] = weights["decoder.weight"][:, order]
+    weights["decoder.bias"] = weights["decoder.bias"][order]
+    manifest = adapter.manifest.model_copy(update={"name": "confidently-wrong"}, deep=True)
+    return Adapter(manifest, weights).save(directory / "confidently-wrong")
