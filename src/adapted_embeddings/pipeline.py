@@ -285,6 +285,8 @@ class EmbeddingPipeline:
                 parent_thresholds=None
                 if self.adapter is None
                 else {role: self.threshold(role) for role in ROLES},
+                parent_trusted=self.adapter is None
+                or self.learner.raised_threshold(self.adapter) is None,
             )
             if report.switched and report.adapter is not None:
                 self.use_adapter(report.adapter)

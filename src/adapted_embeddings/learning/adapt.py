@@ -144,6 +144,7 @@ def adapt(
     options: AdaptOptions | None = None,
     adapter_dir: Path | None = None,
     parent_thresholds: dict[str, float] | None = None,
+    parent_trusted: bool = True,
 ) -> AdaptationReport:
     """Fit a domain adapter from the stored pairs of (source, target).
 
@@ -155,6 +156,9 @@ def adapt(
         settings: Learning settings (for the adapter directory).
         options: Fitting options.
         adapter_dir: Overrides where the adapter is saved.
+        parent_trusted: False when audits found the parent wanting on this data (the guard
+            tripped): it is then not distilled from, and the decoder is refitted from the
+            pairs alone (ridge toward zero), keeping only its encoder.
         parent_thresholds: The parent's thresholds in force, per role (the guard's raise
             included). The new adapter records them, so the parent's accepted local vectors
             keep being served from the cache (see ``ancestors`` in :func:`lineage`).
@@ -179,7 +183,7 @@ def adapt(
         )
     train, held = _split(len(pairs), options)
     if parent is not None:
-        candidate = _warm_start(parent, pairs, train, options)
+        candidate = _warm_start(parent, pairs, train, options, trusted=parent_trusted)
         floor = QualityFloor.of(parent)
     else:
         candidate = _cold_start(pairs, train, source, target, options)
@@ -239,7 +243,7 @@ def basis_coefficients(adapter: Adapter, source: np.ndarray) -> tuple[np.ndarray
 
 
 def _warm_start(
-    parent: Adapter, pairs: PairSet, train: np.ndarray, options: AdaptOptions
+    parent: Adapter, pairs: PairSet, train: np.ndarray, options: AdaptOptions, *, trusted: bool
 ) -> Adapter:
     from adapted_embeddings.training import quality
 
@@ -262,6 +266,8 @@ def _warm_start(
     replay_goal = replay_coefficients @ decoder
     prior = np.vstack([decoder, np.zeros((widening.shape[1], decoder.shape[1]), np.float32)])
     replay_weight = options.replay_weight * len(train) / max(len(replay_source), 1)
+    if not trusted:  # what the parent "knew" is what the audits refuted: do not keep it
+        prior, replay_weight = np.zeros_like(prior), 0.0
     system = _DecoderSystem(
         user_features, user_goal, replay_features, replay_goal, prior, replay_weight
     )
@@ -310,7 +316,8 @@ def _warm_start(
                 "gate and quality head refit (cross-fitted) on the user's pairs",
                 "ridge": ridge,
                 "widened_by": int(widening.shape[1]),
-                "replay_weight": options.replay_weight,
+                "replay_weight": options.replay_weight if trusted else 0.0,
+                "parent_trusted": trusted,
                 "quality_target": {"measure": "held-out centred cosine", **target_scale},
             },
             "metrics": {},
