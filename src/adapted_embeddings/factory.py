@@ -242,10 +242,10 @@ def build_pipeline(
         adapter = _load_adapter(str(settings.adapter_path))
     if adapter is None and source is None:
         # Look the adapter up before loading any model, so a typo fails fast.
-        adapter = _find_adapter(settings, settings.source, cache)
+        adapter = _find_adapter(settings, settings.source)
     encoder = _encoder(source if source is not None else settings.source, settings, adapter)
     if adapter is None and source is not None:
-        adapter = _find_adapter(settings, encoder.space, cache)
+        adapter = _find_adapter(settings, encoder.space)
     target = adapter.target if adapter is not None else _cold_start_space(settings, encoder.space)
     if not pinned:  # what adapt() learned for this pair of spaces beats the registry's
         adapter = _newest_adapted(settings, encoder.space, target) or adapter
@@ -265,7 +265,7 @@ def build_pipeline(
 
 
 def _find_adapter(
-    settings: AdaptedEmbeddingsSettings, source: str | EmbeddingSpace, cache: EmbeddingCache | None
+    settings: AdaptedEmbeddingsSettings, source: str | EmbeddingSpace
 ) -> Adapter | None:
     """The registry's adapter, or None where hybrid/provider mode can cold-start without one."""
     try:
