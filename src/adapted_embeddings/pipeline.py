@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from adapted_embeddings.adapter import Adapter
+from adapted_embeddings.adapter.network import centred_cosine_rows
 from adapted_embeddings.cache import CachedEmbedding, EmbeddingCache, cache_key, provider_cache_key
 from adapted_embeddings.encoders import SourceEncoder
 from adapted_embeddings.errors import ConfigurationError, InvalidInputError, ProviderError
@@ -234,6 +235,17 @@ class EmbeddingPipeline:
             assert self.provider is not None  # guaranteed by _plan
             outcome = await self._afetch(plan)
         return await asyncio.to_thread(self._finish, plan, outcome)
+
+    def warm_up(self) -> None:
+        """Load the local model now instead of on the first cache miss.
+
+        A server calls this at start, so no request pays for loading and readiness can be
+        reported honestly. Encoders without a ``load()`` (a LangChain source) have nothing to
+        load.
+        """
+        load = getattr(self.encoder, "load", None)
+        if callable(load):
+            load()
 
     def stats(self) -> PipelineStats:
         """A snapshot of the running counters."""
@@ -575,7 +587,11 @@ class EmbeddingPipeline:
         if plan.adapter is None:
             kind = "cold_start"
         elif u in plan.audited:
-            agreement = _centred_cosine(plan.local_vectors[u], vector, plan.adapter)
+            agreement = float(
+                centred_cosine_rows(
+                    plan.local_vectors[u][None], vector[None], plan.adapter.target_mean
+                )[0]
+            )
         return PairRecord(
             text=plan.unique_texts[u],
             source=plan.source_vectors[u],
@@ -663,14 +679,6 @@ def _in_input_order(plan: _Plan) -> list[EmbeddingResult]:
         assert result is not None
         ordered.append(replace(result, vector=np.array(result.vector, dtype=np.float32)))
     return ordered
-
-
-def _centred_cosine(local: np.ndarray, provider: np.ndarray, adapter: Adapter) -> float:
-    """Agreement of a local vector with the provider's, centred on the target mean."""
-    mean = adapter.target_mean
-    a = local / max(float(np.linalg.norm(local)), 1e-12) - mean
-    b = provider / max(float(np.linalg.norm(provider)), 1e-12) - mean
-    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
 
 
 def _deduplicate(texts: Sequence[str]) -> tuple[list[str], list[int]]:

@@ -74,9 +74,9 @@ def list_adapters(
             if entry.name in seen:  # a user directory shadows a built-in of the same name
                 continue
             seen.add(entry.name)
-            if source is not None and not _matches(entry.manifest.source, source):
+            if source is not None and not space_matches(entry.manifest.source, source):
                 continue
-            if target is not None and not _matches(entry.manifest.target, target):
+            if target is not None and not space_matches(entry.manifest.target, target):
                 continue
             if flavor is not None and entry.manifest.flavor != flavor:
                 continue
@@ -172,7 +172,12 @@ def _normalize(name: str) -> str:
     return _ALIASES.get(lowered, lowered)
 
 
-def _matches(space: EmbeddingSpace, query: str | EmbeddingSpace) -> bool:
+def space_matches(space: EmbeddingSpace, query: str | EmbeddingSpace) -> bool:
+    """Whether ``query`` names ``space``.
+
+    A query names it as the space itself, its id, ``provider/model`` or the model alone,
+    case-insensitively and with the known aliases (``ada-002``, ...).
+    """
     if isinstance(query, EmbeddingSpace):
         return space == query
     wanted = _normalize(query)

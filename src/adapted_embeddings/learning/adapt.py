@@ -35,9 +35,15 @@ from typing import Any
 import numpy as np
 
 from adapted_embeddings.adapter import Adapter
-from adapted_embeddings.adapter.network import gelu, l2_normalize, prepare, translate_with_features
+from adapted_embeddings.adapter.network import (
+    centred_cosine_rows,
+    gelu,
+    l2_normalize,
+    prepare,
+    translate_with_features,
+)
 from adapted_embeddings.errors import AdaptationError
-from adapted_embeddings.learning.audit import QualityFloor
+from adapted_embeddings.learning.audit import QualityFloor, lowest_threshold_meeting
 from adapted_embeddings.learning.lineage import LINEAGE_KEY, lineage
 from adapted_embeddings.learning.pairs import PairSet, PairStore
 from adapted_embeddings.settings import LearningSettings
@@ -280,7 +286,7 @@ def _warm_start(
         held = folds == fold
         fold_decoder = system.solve(ridge, rows=~held)
         predicted = user_features[held] @ fold_decoder + bias
-        held_out_quality[held] = _centred_cosine_rows(predicted, user_target[held], bias)
+        held_out_quality[held] = centred_cosine_rows(predicted, user_target[held], bias)
 
     rank = arch.basis_rank
     widened = arch.model_copy(update={"basis_rank": rank + widening.shape[1]})
@@ -365,7 +371,7 @@ class _DecoderSystem:
         scores = []
         for ridge in _RIDGE_GRID:
             predicted = self.user[inner] @ self.solve(ridge, rows=~inner) + bias
-            scores.append(_centred_cosine_rows(predicted, target[inner], bias).mean())
+            scores.append(centred_cosine_rows(predicted, target[inner], bias).mean())
         return float(_RIDGE_GRID[int(np.argmax(scores))])
 
 
@@ -433,7 +439,7 @@ def _judge(
 ) -> HeldOutQuality:
     translated, confidence = adapter.translate(pairs.source[rows])
     native = pairs.target[rows]
-    quality = _centred_cosine_rows(translated, native, mean)
+    quality = centred_cosine_rows(translated, native, mean)
     local = confidence >= threshold
     return HeldOutQuality(
         mean_centred_cosine=float(quality.mean()),
@@ -448,16 +454,8 @@ def _choose_threshold(
 ) -> tuple[float, HeldOutQuality]:
     """The lowest threshold whose local route meets ``floor`` on the held-out pairs."""
     translated, confidence = adapter.translate(pairs.source[rows])
-    quality = _centred_cosine_rows(translated, pairs.target[rows], mean)
-    order = np.argsort(-confidence)
-    running = np.cumsum(quality[order]) / np.arange(1, len(order) + 1)
-    meets = np.flatnonzero((running >= floor) & (np.arange(1, len(order) + 1) >= 5))
-    if not len(meets):
-        threshold = 1.0
-    elif meets[-1] + 1 == len(order):
-        threshold = 0.0
-    else:
-        threshold = float(confidence[order][meets[-1]])
+    quality = centred_cosine_rows(translated, pairs.target[rows], mean)
+    threshold = lowest_threshold_meeting(confidence, quality, floor, min_kept=5)
     return threshold, _judge(adapter, pairs, rows, threshold, mean)
 
 
@@ -567,12 +565,6 @@ def _save(
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "adapter"
-
-
-def _centred_cosine_rows(a: np.ndarray, b: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    from adapted_embeddings.training.metrics import centred_cosine_rows
-
-    return np.asarray(centred_cosine_rows(a, b, mean), dtype=np.float64)
 
 
 def _neighbour_agreement(translated: np.ndarray, native: np.ndarray) -> float:

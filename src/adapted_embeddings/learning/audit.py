@@ -250,16 +250,31 @@ class AuditTracker:
         wanted = self.floor.mean - settings.guard_tolerance
         if high >= wanted:
             return None
-        # The lowest threshold whose audited survivors meet the floor, with enough of them
-        # left to say so; none: everything goes to the provider until adapt().
-        order = np.argsort(-confidence)
-        running = np.cumsum(agreement[order]) / np.arange(1, n + 1)
-        enough = np.arange(1, n + 1) >= max(settings.guard_min_audits // 2, 5)
-        meets = np.flatnonzero(enough & (running >= self.floor.mean))
-        if not len(meets):
-            return 1.0
-        cut = meets[-1]
-        return float(np.nextafter(confidence[order][cut], -np.inf)) if cut + 1 < n else 0.0
+        # Enough audited survivors left to say so; none: everything goes to the provider
+        # until adapt().
+        return lowest_threshold_meeting(
+            confidence, agreement, self.floor.mean, min_kept=max(settings.guard_min_audits // 2, 5)
+        )
+
+
+def lowest_threshold_meeting(
+    confidence: np.ndarray, quality: np.ndarray, floor: float, *, min_kept: int
+) -> float:
+    """The lowest confidence threshold whose kept rows have a mean ``quality`` >= ``floor``.
+
+    Rows are kept when their confidence reaches the threshold (the gate's ``>=``). A
+    threshold counts only if it keeps at least ``min_kept`` rows. Returns 0.0 when every
+    row can be kept and 1.0 when no threshold qualifies (everything goes to the provider).
+    """
+    order = np.argsort(-np.asarray(confidence))
+    kept = np.arange(1, len(order) + 1)
+    running = np.cumsum(np.asarray(quality, dtype=np.float64)[order]) / kept
+    meets = np.flatnonzero((running >= floor) & (kept >= min_kept))
+    if not len(meets):
+        return 1.0
+    if meets[-1] + 1 == len(order):
+        return 0.0
+    return float(np.asarray(confidence)[order][meets[-1]])
 
 
 def _wilson(hits: int, n: int) -> tuple[float, float]:

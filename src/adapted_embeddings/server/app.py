@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -25,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from adapted_embeddings.errors import InvalidInputError, ProviderError
 from adapted_embeddings.factory import PipelineOptions
 from adapted_embeddings.pipeline import EmbeddingPipeline, EmbeddingResult, Role
-from adapted_embeddings.registry import _matches as space_answers_to
+from adapted_embeddings.registry import space_matches
 from adapted_embeddings.server.auth import check_bearer
 from adapted_embeddings.server.config import ServerSettings
 from adapted_embeddings.server.inputs import PreparedInputs, prepare_inputs
@@ -123,7 +125,28 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
     started = int(time.time())
     upstream_key = _upstream_key(pipeline)
 
+    warm_up: dict[str, BaseException | None] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load the local model in the background: the port opens at once, /healthz says
+        # "loading" until the model is in memory, and no request pays for loading it.
+        async def load() -> None:
+            try:
+                await asyncio.to_thread(pipeline.warm_up)
+                warm_up["error"] = None
+            except Exception as exc:  # reported by /healthz; requests raise it themselves
+                warm_up["error"] = exc
+                logger.error("loading the local model failed: %s", redact(str(exc), [upstream_key]))
+
+        task = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            task.cancel()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="adapted-embeddings",
         summary="OpenAI-compatible embeddings, adapted locally with provider fallback.",
         docs_url=None,
@@ -213,15 +236,20 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        return JSONResponse(
-            {
-                "status": "ok",
-                "space": space.id,
-                "adapter": pipeline.adapter.name if pipeline.adapter else None,
-                "mode": pipeline.gate.mode,
-                "in_flight": admission.active,
-            }
-        )
+        """Readiness: 200 once the local model is in memory, 503 while loading or failed."""
+        loaded = getattr(pipeline.encoder, "loaded", True)
+        error = warm_up.get("error")
+        status = "ok" if loaded else ("error" if error is not None else "loading")
+        body: dict[str, Any] = {
+            "status": status,
+            "space": space.id,
+            "adapter": pipeline.adapter.name if pipeline.adapter else None,
+            "mode": pipeline.gate.mode,
+            "in_flight": admission.active,
+        }
+        if status == "error":
+            body["error"] = f"{type(error).__name__}: {redact(str(error), [upstream_key])}"
+        return JSONResponse(body, status_code=200 if loaded else 503)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
@@ -308,7 +336,7 @@ def _describe_invalid(exc: ValidationError) -> OpenAIStyleError:
 
 @functools.lru_cache(maxsize=256)
 def _answers_to(space: EmbeddingSpace, model: str) -> bool:
-    return space_answers_to(space, model)
+    return space_matches(space, model)
 
 
 def _check_model(model: str, space: EmbeddingSpace) -> None:

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Agreement of translated rows with native ones lives with the forward pass, which audits use
+# at inference; re-exported here beside the retrieval metrics.
+from adapted_embeddings.adapter.network import centred_cosine_rows as centred_cosine_rows
+from adapted_embeddings.adapter.network import cosine_rows as cosine_rows
 from adapted_embeddings.adapter.network import l2_normalize
 
 _BLOCK = 1024  # query rows per similarity block: bounds memory at 1024 x corpus floats
@@ -56,20 +60,6 @@ def neighbour_agreement(
 ) -> dict[int, float]:
     """Share of queries whose native top-1 neighbour is within their top-k, per k."""
     return {k: float((neighbours[:, :k] == native_top1[:, None]).any(axis=1).mean()) for k in ks}
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity."""
-    return np.einsum("ij,ij->i", l2_normalize(a), l2_normalize(b))
-
-
-def centred_cosine_rows(a: np.ndarray, b: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Row-wise cosine after subtracting ``mean`` from both sides.
-
-    Raw cosine is misleading for anisotropic spaces (every ada-002 vector has cosine ~0.7
-    with every other), so quality is judged on the centred version.
-    """
-    return cosine_rows(l2_normalize(a) - mean, l2_normalize(b) - mean)
 
 
 def effective_rank(x: np.ndarray) -> float:
