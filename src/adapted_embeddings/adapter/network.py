@@ -22,6 +22,7 @@ plain formulas in :func:`translate_with_features`'s docstring (tested to float32
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -82,9 +83,9 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x * x * x)))
 
 
-def _twice_gelu(x: np.ndarray) -> np.ndarray:
-    """``2 * gelu(x)`` in one new contiguous array (the 1/2 is folded into the weights)."""
-    out = np.multiply(x, x)
+def _twice_gelu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``2 * gelu(x)`` into ``out`` or a new contiguous array (the 1/2 is in the weights)."""
+    out = np.multiply(x, x, out=out)
     out *= _GELU_C3
     out += _GELU_C
     out *= x
@@ -162,6 +163,12 @@ def prepare(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     prepared["fused.ood"] = np.ascontiguousarray(
         np.stack([np.full(ood_rank, 1.0 / ood_rank), weights["ood.variance"]], axis=1),
         dtype=np.float64,
+    )
+    # The decoder bias as one more weight row: a batch multiplies [coefficients | 1] by it,
+    # which saves a pass over the (n, output_dim) result, the largest array of the forward.
+    prepared["fused.decoder"] = np.ascontiguousarray(
+        np.concatenate([weights["decoder.weight"], weights["decoder.bias"][None, :]]),
+        dtype=np.float32,
     )
     residual = [0.5 * weights["residual.weight"]] if hidden_dim else []
     if all(key in weights for key in _QUALITY_KEYS):
@@ -273,20 +280,54 @@ class _Translation(NamedTuple):
     """``(n, m)`` the quality head's first layer applied to the hidden units, or None."""
 
 
+class _Scratch(threading.local):
+    """Each thread's reusable arrays for a batch's intermediates.
+
+    A fresh multi-megabyte NumPy array is new memory from the kernel, and every page of it
+    faults on first touch: at 1,024 rows that was a third of the forward pass. The
+    intermediates, which never leave :func:`_translate`, live here instead and are reused by
+    the thread's next call (about 10 MB per thread for a batch of 1,024 rows; they grow to
+    the largest batch seen). The returned vectors are always a fresh array.
+    """
+
+    def __init__(self) -> None:
+        self.arrays: dict[tuple[str, int, type], np.ndarray] = {}
+
+    def get(self, name: str, rows: int, columns: int, dtype: type = np.float32) -> np.ndarray:
+        """An uninitialised C-contiguous ``(rows, columns)`` array, this thread's own."""
+        key = (name, columns, dtype)
+        array = self.arrays.get(key)
+        if array is None or len(array) < rows:
+            array = self.arrays[key] = np.empty((rows, columns), dtype)
+        return array[:rows]
+
+
+_scratch = _Scratch()
+
+
 def _translate(
     source: np.ndarray, prepared: dict[str, np.ndarray], arch: ArchitectureConfig
 ) -> _Translation:
-    """The batch path: three matrix products and in-place passes (see the module doc)."""
+    """The batch path: three matrix products and in-place passes (see the module doc).
+
+    Everything but the returned arrays is written into this thread's scratch arrays, so
+    ``twice_hidden`` and ``hidden_quality`` are valid only until the thread's next call.
+    """
     rank, width = arch.basis_rank, arch.basis_rank + arch.hidden_dim
-    centred = l2_normalize(source)
+    n = len(source)
+    centred = _scratch.get("centred", n, arch.input_dim)
+    centred[...] = source
+    l2_normalize(centred, inplace=True)
     centred -= prepared["source_mean"]
-    activations = centred @ prepared["fused.weight"]
+    activations = np.matmul(
+        centred, prepared["fused.weight"], out=_scratch.get("activations", n, width + arch.ood_rank)
+    )
     activations += prepared["fused.bias"]
     # (Mahalanobis distance, energy inside the subspace), then the energy outside it. The
     # outside energy is a small difference of two numbers near 1, so these two sums are
     # taken in float64 (float32 sums would lose about 3 of the 7 digits it has).
-    whitened = activations[:, width:].astype(np.float64)
-    ood = np.square(whitened, out=whitened) @ prepared["fused.ood"]
+    whitened = _scratch.get("whitened", n, arch.ood_rank, np.float64)
+    ood = np.square(activations[:, width:], out=whitened) @ prepared["fused.ood"]
     outside = ood[:, 1]
     np.subtract(np.einsum("ij,ij->i", centred, centred, dtype=np.float64), outside, out=outside)
     np.maximum(outside, 0.0, out=outside)
@@ -294,19 +335,27 @@ def _translate(
     statistics = np.empty((len(centred), OOD_STATISTICS + NORM_STATISTICS), np.float32)
     np.log1p(ood, out=statistics[:, :2])
     twice_hidden = hidden_quality = None
+    # [coefficients | 1], contiguous (BLAS is ~2x slower on a strided column slice); the 1
+    # picks up the decoder bias inside the product.
+    extended = _scratch.get("extended", n, rank + 1)
+    extended[:, rank] = 1.0
+    coefficients = extended[:, :rank]
     if arch.hidden_dim:
-        twice_hidden = _twice_gelu(activations[:, rank:width])
-        residual = twice_hidden @ prepared["fused.residual"]
-        # A fresh contiguous array: BLAS is ~2x slower on a strided column slice.
-        coefficients = np.add(activations[:, :rank], residual[:, :rank])
+        twice_hidden = _twice_gelu(
+            activations[:, rank:width], out=_scratch.get("hidden", n, arch.hidden_dim)
+        )
+        fused_residual = prepared["fused.residual"]
+        residual = np.matmul(
+            twice_hidden, fused_residual, out=_scratch.get("residual", n, fused_residual.shape[1])
+        )
+        np.add(activations[:, :rank], residual[:, :rank], out=coefficients)
         if residual.shape[1] > rank:
             hidden_quality = residual[:, rank:]
     else:
-        coefficients = np.ascontiguousarray(activations[:, :rank])
+        coefficients[...] = activations[:, :rank]
     # In place from here: the (n, output_dim) array is the largest one, and every extra
     # temporary of it costs more memory traffic than the matmul saves.
-    target = coefficients @ prepared["decoder.weight"]
-    target += prepared["decoder.bias"]
+    target = extended @ prepared["fused.decoder"]
     norms = l2_normalize(target, inplace=True, return_norms=True)
     # How far the map moved away from the mean: an uncertain regression shrinks toward it,
     # so short outputs flag translations that are likely poor.
