@@ -151,6 +151,11 @@ class SpaceCheckedPGVector(PGVector):
         self._guard.check_space(space, what=what)
         self._guard.check_vectors(vectors, what=what)
 
+    async def _acheck(self, vectors: Sequence[Sequence[float]], space: Any, *, what: str) -> None:
+        """:meth:`_check` once the collection's space is opened (async stores open lazily)."""
+        await self._aopen_space()
+        self._check(vectors, space, what=what)
+
     def add_embeddings(
         self,
         texts: Sequence[str],
@@ -176,8 +181,7 @@ class SpaceCheckedPGVector(PGVector):
         **kwargs: Any,
     ) -> list[str]:
         """Async :meth:`add_embeddings`."""
-        await self._aopen_space()
-        self._check(embeddings, space, what="vectors to add")
+        await self._acheck(embeddings, space, what="vectors to add")
         return await super().aadd_embeddings(texts, embeddings, metadatas, ids, **kwargs)
 
     def similarity_search_with_score_by_vector(
@@ -201,8 +205,7 @@ class SpaceCheckedPGVector(PGVector):
         space: EmbeddingSpace | str | None = None,
     ) -> list[tuple[Document, float]]:
         """Async :meth:`similarity_search_with_score_by_vector`."""
-        await self._aopen_space()
-        self._check([embedding], space, what="query vector")
+        await self._acheck([embedding], space, what="query vector")
         return await super().asimilarity_search_with_score_by_vector(embedding, k=k, filter=filter)
 
     def max_marginal_relevance_search_with_score_by_vector(
@@ -230,8 +233,7 @@ class SpaceCheckedPGVector(PGVector):
         **kwargs: Any,
     ) -> list[tuple[Document, float]]:
         """Async :meth:`max_marginal_relevance_search_with_score_by_vector`."""
-        await self._aopen_space()
-        self._check([embedding], kwargs.pop("space", None), what="query vector")
+        await self._acheck([embedding], kwargs.pop("space", None), what="query vector")
         return await super().amax_marginal_relevance_search_with_score_by_vector(
             embedding, k=k, fetch_k=fetch_k, lambda_mult=lambda_mult, filter=filter, **kwargs
         )
