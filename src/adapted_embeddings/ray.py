@@ -279,9 +279,16 @@ def limiter_snapshot(name: str) -> dict[str, Any]:
 
 
 class _PipelineWorker:
-    """Builds one pipeline per actor: the model is loaded once, not per batch."""
+    """One pipeline per actor (the model loads once, not per batch) for one text column and role."""
 
-    def __init__(self, keywords: dict[str, Any], limiter: str | None, threads: int | None) -> None:
+    def __init__(
+        self,
+        keywords: dict[str, Any],
+        limiter: str | None,
+        threads: int | None,
+        text_column: str,
+        role: Role,
+    ) -> None:
         if threads:
             import torch
 
@@ -293,23 +300,12 @@ class _PipelineWorker:
         if limiter is not None and self.pipeline.provider is not None:
             ray = require_ray()
             self.pipeline.provider.limiter = RayRequestLimiter(ray.get_actor(limiter))
+        self.text_column = text_column
+        self.role: Role = role
 
 
 class EmbedBatches(_PipelineWorker):
     """``map_batches`` callable: a pyarrow batch in, the same rows with embeddings out."""
-
-    def __init__(
-        self,
-        keywords: dict[str, Any],
-        limiter: str | None,
-        threads: int | None,
-        text_column: str,
-        role: Role,
-    ) -> None:
-        """Build the actor's pipeline."""
-        super().__init__(keywords, limiter, threads)
-        self.text_column = text_column
-        self.role: Role = role
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Embed one batch; a bad cell raises naming the row (by its other columns)."""
@@ -332,9 +328,7 @@ class EmbedChunkFiles(_PipelineWorker):
         batch_size: int,
     ) -> None:
         """Build the actor's pipeline."""
-        super().__init__(keywords, limiter, threads)
-        self.text_column = text_column
-        self.role: Role = role
+        super().__init__(keywords, limiter, threads, text_column, role)
         self.rows_per_file = rows_per_file
         self.batch_size = batch_size
 
@@ -474,13 +468,7 @@ def embed_dataset(
         if text_column not in columns:
             raise _missing_column(text_column, columns)
         check_output_columns(columns, where="the dataset")
-    limiter = None
-    if settings.gate.mode != "local":
-        limiter = provider_limiter(
-            settings,
-            max_concurrent=provider_concurrency,
-            tokens_per_minute=provider_tokens_per_minute,
-        )
+    limiter = _fallback_limiter(settings, provider_concurrency, provider_tokens_per_minute)
     return _map(
         ds,
         EmbedBatches,
@@ -516,13 +504,7 @@ def embed_tasks(
     """
     ray = require_ray()
     worker_keywords, settings = _resolve_keywords(keywords)
-    limiter = None
-    if settings.gate.mode != "local":
-        limiter = provider_limiter(
-            settings,
-            max_concurrent=provider_concurrency,
-            tokens_per_minute=provider_tokens_per_minute,
-        )
+    limiter = _fallback_limiter(settings, provider_concurrency, provider_tokens_per_minute)
     pending = [t for t in tasks if not t.done]
     if not pending:
         return
@@ -591,6 +573,17 @@ def _resolve_keywords(keywords: dict[str, Any]) -> tuple[dict[str, Any], Adapted
         if value is not None and not isinstance(value, str) and not hasattr(value, "__fspath__"):
             worker[name] = value
     return worker, settings
+
+
+def _fallback_limiter(
+    settings: AdaptedEmbeddingsSettings, concurrency: int | None, tokens_per_minute: int | None
+) -> str | None:
+    """The job's :func:`provider_limiter`, or None when the gate never calls the provider."""
+    if settings.gate.mode == "local":
+        return None
+    return provider_limiter(
+        settings, max_concurrent=concurrency, tokens_per_minute=tokens_per_minute
+    )
 
 
 def _map(
