@@ -7,6 +7,7 @@ Stored vectors are a column holding a list of numbers (a JSON array inside a CSV
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -103,12 +104,7 @@ def read_text_records(
         InvalidInputError: If a text holds a lone surrogate (no UTF-8 form).
 
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(f"input file not found: {path}")
-    if path.is_dir():
-        raise InputFileError(f"input path is a directory, not a file: {path}")
-    fmt = file_format or detect_format(path)
+    path, fmt = _input_file(path, file_format)
     wanted = [text_column] + ([vector_column] if vector_column else [])
     if fmt == "parquet":
         columns, rows = _read_parquet(path, wanted, limit)
@@ -163,18 +159,37 @@ def read_text_lines(data: bytes, *, source: str = "<stdin>") -> list[str]:
         InputFileError: If the bytes are not UTF-8 or hold no non-blank line.
 
     """
-    try:
+    with _read_errors(source):
         decoded = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputFileError(
-            f"{source} is not valid UTF-8 (bad byte at offset {exc.start})"
-        ) from None
     # splitlines() would also split on U+2028 and other separators inside a line of text.
     lines = [line.rstrip("\r") for line in decoded.split("\n")]
     texts = [line for line in lines if line.strip()]
     if not texts:
         raise InputFileError(f"{source} is empty: give texts one per line, or use --text")
     return texts
+
+
+def _input_file(path: str | Path, file_format: FileFormat | None) -> tuple[Path, FileFormat]:
+    """``path`` as a Path, once it is known to be a file, and its format (given or implied)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"input file not found: {path}")
+    if path.is_dir():
+        raise InputFileError(f"input path is a directory, not a file: {path}")
+    return path, file_format or detect_format(path)
+
+
+@contextlib.contextmanager
+def _read_errors(source: str | Path) -> Iterator[None]:
+    """Raise a read of ``source`` that fails (bytes not UTF-8, or the OS) as InputFileError."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise InputFileError(
+            f"{source} is not valid UTF-8 (bad byte at offset {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise InputFileError(f"cannot read {source}: {exc.strerror or exc}") from None
 
 
 # -- readers: each returns (columns, [(row number, {column: value})]) ------------------
@@ -184,14 +199,8 @@ Rows = list[tuple[int, dict[str, Any]]]
 
 
 def _read_delimited(path: Path, delimiter: str, limit: int | None) -> tuple[list[str], Rows]:
-    try:
+    with _read_errors(path):
         content = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputFileError(
-            f"{path} is not valid UTF-8 (bad byte at offset {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
     try:
         columns = list(reader.fieldnames or [])
@@ -317,73 +326,45 @@ def iter_file_rows(
             not valid JSON or a JSON object, or the bytes are not UTF-8.
 
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(f"input file not found: {path}")
-    if path.is_dir():
-        raise InputFileError(f"input path is a directory, not a file: {path}")
-    fmt = file_format or detect_format(path)
+    path, fmt = _input_file(path, file_format)
     if fmt == "parquet":
         raise InputFileError(f"{path}: stream Parquet files with pyarrow, not iter_file_rows")
     if fmt == "jsonl":
         return [], _iter_jsonl(path)
     delimiter = "," if fmt == "csv" else "\t"
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            header = next(csv.reader(handle, delimiter=delimiter), [])
-    except UnicodeDecodeError as exc:
-        raise InputFileError(
-            f"{path} is not valid UTF-8 (bad byte at offset {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with _read_errors(path), path.open(encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle, delimiter=delimiter), [])
     return list(header), _iter_delimited(path, delimiter)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        with path.open(encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputFileError(
-                        f"{path} line {number} is not valid JSON: {exc.msg}"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise InputFileError(
-                        f"{path} line {number} is a JSON {type(record).__name__}, expected an "
-                        'object such as {"text": "..."}'
-                    )
-                yield number, record
-    except UnicodeDecodeError as exc:
-        raise InputFileError(
-            f"{path} is not valid UTF-8 (bad byte at offset {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with _read_errors(path), path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputFileError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise InputFileError(
+                    f"{path} line {number} is a JSON {type(record).__name__}, expected an "
+                    'object such as {"text": "..."}'
+                )
+            yield number, record
 
 
 def _iter_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            try:
-                for number, row in enumerate(reader, start=1):
-                    row.pop(None, None)  # cells beyond the header have no column to go to
-                    yield number, row
-            except csv.Error as exc:
-                raise InputFileError(
-                    f"{path} is not valid CSV (line {reader.line_num}): {exc}"
-                ) from None
-    except UnicodeDecodeError as exc:
-        raise InputFileError(
-            f"{path} is not valid UTF-8 (bad byte at offset {exc.start})"
-        ) from None
-    except OSError as exc:
-        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with _read_errors(path), path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        try:
+            for number, row in enumerate(reader, start=1):
+                row.pop(None, None)  # cells beyond the header have no column to go to
+                yield number, row
+        except csv.Error as exc:
+            raise InputFileError(
+                f"{path} is not valid CSV (line {reader.line_num}): {exc}"
+            ) from None
 
 
 def check_text_cell(value: Any, *, where: str, number: int, column: str) -> str:
