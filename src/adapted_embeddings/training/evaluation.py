@@ -49,32 +49,36 @@ class EvaluationSet:
 
 def query_metrics(queries: np.ndarray, data: EvaluationSet) -> dict[str, float]:
     """Every retrieval/fidelity metric of one set of query vectors (in the target space)."""
-    neighbours = metrics.top_k_excluding_self(queries, data.corpus, data.query_index, 10)
-    ranks = metrics.self_rank(queries, data.corpus, data.query_index)
-    result = {
+    return {
         "mean_cosine": float(metrics.cosine_rows(queries, data.native_queries).mean()),
         "mean_centred_cosine": float(
             metrics.centred_cosine_rows(queries, data.native_queries, data.target_mean).mean()
         ),
+        **_retrieval_metrics(queries, data.corpus, data),
     }
-    for k in (1, 5, 10):
-        result[f"self_r@{k}"] = float((ranks < k).mean())
-    for k, value in metrics.neighbour_agreement(neighbours, data.native_top1).items():
-        result[f"neighbour_r@{k}"] = value
-    if data.labels is not None:
-        result["category_p@10"] = metrics.category_precision(
-            neighbours, data.labels, data.query_index
-        )
-    return result
 
 
 def source_only_metrics(
     source_queries: np.ndarray, source_corpus: np.ndarray, data: EvaluationSet
 ) -> dict[str, float]:
     """Metrics when query *and* corpus stay in the source space (no adapter, no provider)."""
-    neighbours = metrics.top_k_excluding_self(source_queries, source_corpus, data.query_index, 10)
-    ranks = metrics.self_rank(source_queries, source_corpus, data.query_index)
-    result: dict[str, float] = {f"self_r@{k}": float((ranks < k).mean()) for k in (1, 5, 10)}
+    return _retrieval_metrics(source_queries, source_corpus, data)
+
+
+def _retrieval_metrics(
+    queries: np.ndarray, corpus: np.ndarray, data: EvaluationSet
+) -> dict[str, float]:
+    """Self-recall, native-neighbour recall and (with labels) category precision@10.
+
+    Args:
+        queries: ``(q, d)`` query vectors, in the same space as ``corpus``.
+        corpus: ``(n, d)`` the index they search, row ``data.query_index[i]`` being query i.
+        data: The evaluation set: query rows, native top-1 neighbours and labels.
+
+    """
+    neighbours = metrics.top_k_excluding_self(queries, corpus, data.query_index, 10)
+    ranks = metrics.self_rank(queries, corpus, data.query_index)
+    result = {f"self_r@{k}": float((ranks < k).mean()) for k in (1, 5, 10)}
     for k, value in metrics.neighbour_agreement(neighbours, data.native_top1).items():
         result[f"neighbour_r@{k}"] = value
     if data.labels is not None:
