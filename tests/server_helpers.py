@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,21 @@ import uvicorn
 from .conftest import free_port
 
 
-class ThreadedServer:
+class LoopbackUrls:
+    """The URLs of a server listening on ``127.0.0.1:port``."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+
+class ThreadedServer(LoopbackUrls):
     """uvicorn serving ``app`` on a free loopback port from a background thread."""
 
     def __init__(self, app: Any, *, wait_ready: bool = True) -> None:
@@ -37,49 +52,46 @@ class ThreadedServer:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
-        if wait_ready:
-            wait_for_ready(self.url, deadline)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
+        if wait_ready and not wait_for_ready(self.url, deadline):
+            raise RuntimeError(f"{self.url}/healthz never answered 200")
 
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
 
-def wait_for_ready(url: str, deadline: float) -> None:
-    """Poll ``/healthz`` until it answers 200 (the local model is loaded)."""
-    while True:
+def wait_for_ready(
+    url: str,
+    deadline: float,
+    *,
+    interval: float = 0.05,
+    exited: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Poll ``/healthz`` until it answers 200 (the local model is loaded).
+
+    Returns:
+        True once it answers; False at ``deadline``, or as soon as ``exited()`` says the
+        server is gone.
+
+    """
+    while not exited():
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=1):
-                return
+                return True
         except OSError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{url}/healthz never answered 200") from None
-            time.sleep(0.05)
+                return False
+            time.sleep(interval)
+    return False
 
 
 @dataclass
-class CommandServer:
+class CommandServer(LoopbackUrls):
     """``python -m adapted_embeddings.cli serve ...`` in a subprocess, stderr to a file."""
 
     process: subprocess.Popen[bytes]
     port: int
     log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.url}/v1"
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -99,13 +111,11 @@ def start_command_server(
         )
     server = CommandServer(process, port, log)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited with {process.returncode}:\n{server.output()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/healthz", timeout=1):
-                return server
-        except OSError:
-            time.sleep(0.2)
+    if wait_for_ready(
+        server.url, deadline, interval=0.2, exited=lambda: process.poll() is not None
+    ):
+        return server
+    if process.poll() is not None:
+        raise RuntimeError(f"serve exited with {process.returncode}:\n{server.output()}")
     process.kill()
     raise RuntimeError(f"serve did not answer /healthz in {timeout}s:\n{server.output()}")
