@@ -347,8 +347,8 @@ class EmbeddingPipeline:
                     cache_key(space=self.space, adapter_id=adapter.id, role=role, text=t)
                     for t in unique_texts
                 ]
-        self._serve_from_cache(plan)
         mode, threshold = self.gate.mode, self.threshold(role, adapter)
+        self._serve_from_cache(plan, threshold)
         missing = [u for u, result in enumerate(plan.results) if result is None]
         if adapter is None:
             self._plan_cold_start(plan, missing)
@@ -434,7 +434,7 @@ class EmbeddingPipeline:
             for row, u in enumerate(missing):
                 plan.source_vectors[u] = source[row]
 
-    def _serve_from_cache(self, plan: _Plan) -> None:
+    def _serve_from_cache(self, plan: _Plan, threshold: float) -> None:
         if self.cache is None or not plan.provider_keys:
             return
         dimensions = self.space.dimensions
@@ -446,7 +446,6 @@ class EmbeddingPipeline:
             return
         missing = [u for u, result in enumerate(plan.results) if result is None]
         entries = self.cache.get_many([plan.local_keys[u] for u in missing], dimensions=dimensions)
-        threshold = self.threshold(plan.role, plan.adapter)
         rejected = 0
         for u, entry in zip(missing, entries, strict=True):
             if entry is None:
