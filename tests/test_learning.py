@@ -115,12 +115,17 @@ def test_the_guard_trips_where_the_adapter_is_confidently_wrong(
     path = confidently_wrong(Adapter.load(e5_adapter_path), tmp_path)
     embeddings = embedder(recording_proxy, tmp_path / "cache", adapter=path)
     corpus = load_jeopardy()
-    texts = [t for i, t in enumerate(corpus.texts) if i % 5 == 0][:240]  # its home domain
+    texts = [t for i, t in enumerate(corpus.texts) if i % 5 == 0][:480]  # its home domain
 
+    # Audits are a random 25% of the confident texts during the warm-up, so how many texts
+    # it takes to reach the guard's 30 audits varies from run to run (about 200 on average):
+    # stream until it trips, and bound how long that may take.
     routes: list[str] = []
-    for start in range(0, 200, 20):  # the first ~200 texts of the stream
+    for start in range(0, 400, 20):
         routes += [r.route for r in embeddings.embed_with_info(texts[start : start + 20])]
-    report = embeddings.quality_report()
+        report = embeddings.quality_report()
+        if report is not None and report.guard_tripped:
+            break
     assert report is not None and report.guard_tripped, report.summary()
     assert report.mean_agreement is not None and report.mean_agreement < report.floor - 0.1
     tripped_at = len(routes)
