@@ -15,9 +15,12 @@ same chunks into the same files, so either engine can resume the other's run.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import re
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -136,6 +139,7 @@ def embed_table(
 
     """
     results = pipeline.embed(texts, role) if texts else []
+    release_freed_memory()
     return with_embeddings(
         table,
         np.stack([r.vector for r in results]) if results else None,
@@ -144,6 +148,31 @@ def embed_table(
         pipeline.space,
         metadata=metadata,
     )
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc; elsewhere a no-op).
+
+    The local model frees each batch's activations into glibc's ``malloc``, which keeps
+    most of the freed memory mapped for reuse, and batches of other shapes do not fit the
+    holes. Over a bulk run the resident memory therefore climbs although nothing leaks:
+    measured over 10,000 texts, 744 MB after the first batch and 1,196 MB at the end
+    (peak 1,407 MB). Trimming after every batch kept it at 681-746 MB (peak 1,117 MB) for
+    about 20 ms a call, which is under 1% of a 256-text batch.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return None
 
 
 def with_embeddings(
