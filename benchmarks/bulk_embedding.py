@@ -16,9 +16,11 @@ own subprocess, mode=local, cache off, on the same cores:
 Reported: texts/s (embedding phase; Ray includes starting its actors and loading the model
 in each, measured separately as ``startup_s``), peak RSS per worker (the process that runs
 the model: the subprocess itself, or each Ray actor, polled from /proc), Ray's overhead
-against in-process at equal cores, and ``cli_local`` at a quarter of the corpus to show
-memory is flat in corpus size. Medians over the repeats; the load average is recorded
-because the machine is shared. Writes ``benchmarks/results/bulk_embedding.json``.
+against in-process at equal cores, and ``cli_local`` at other corpus sizes (``--memory-texts``,
+default 5,000 and 40,000) to show memory is flat in corpus size: the resident memory held
+(median over the second half of each run) beside the peak. Medians over the repeats; the
+load average is recorded because the machine is shared. Writes
+``benchmarks/results/bulk_embedding.json``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class ResidentMemory:
+    """This process's resident memory, sampled twice a second while the block runs.
+
+    The peak is one batch's worst moment (the longest texts' attention matrices on top of
+    everything held); the median over the second half of the run is what the process keeps
+    holding. Memory flat in corpus size means the latter does not grow with the corpus.
+    """
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> ResidentMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            self.samples.append(pages * page / 2**20)
+            self._stop.wait(0.5)
+
+    def summary(self) -> dict[str, Any]:
+        half = self.samples[len(self.samples) // 2 :] or [0.0]
+        return {
+            "worker_peak_rss_mb": [peak_rss_mb()],
+            "rss_second_half_median_mb": statistics.median(half),
+        }
+
+
 # -- one configuration, in this (child) process -------------------------------------------
 
 
@@ -62,11 +100,12 @@ def run_in_process(count: int) -> dict[str, Any]:
     texts = corpus(count)
     pipeline = PipelineOptions(mode="local", cache=False).build_pipeline()
     pipeline.embed(texts[:32])  # warm-up, as the CLI's first batch would be
-    started = time.perf_counter()
-    for start in range(0, count, 256):
-        pipeline.embed(texts[start : start + 256])
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "worker_peak_rss_mb": [peak_rss_mb()]}
+    with ResidentMemory() as memory:
+        started = time.perf_counter()
+        for start in range(0, count, 256):
+            pipeline.embed(texts[start : start + 256])
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, **memory.summary()}
 
 
 def run_cli_local(count: int, workdir: Path) -> dict[str, Any]:
@@ -81,17 +120,18 @@ def run_cli_local(count: int, workdir: Path) -> dict[str, Any]:
     from adapted_embeddings.cli import main
 
     sys.argv = ["adapted-embeddings"]
-    try:
-        main(
-            [
-                *("embed-dataset", str(source), "-o", str(output), "--mode", "local"),
-                *("--no-cache", "--no-progress", "--rows-per-file", "5000"),
-            ]
-        )
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise
-    return {"worker_peak_rss_mb": [peak_rss_mb()]}
+    with ResidentMemory() as memory:
+        try:
+            main(
+                [
+                    *("embed-dataset", str(source), "-o", str(output), "--mode", "local"),
+                    *("--no-cache", "--no-progress", "--rows-per-file", "5000"),
+                ]
+            )
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                raise
+    return memory.summary()
 
 
 def run_ray(count: int, actors: int, workdir: Path) -> dict[str, Any]:
@@ -197,6 +237,12 @@ def main() -> None:
     parser.add_argument("--child", choices=CONFIGS)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--provider-tpm", type=int, default=1_000_000, help="for the projection")
+    parser.add_argument(
+        "--memory-texts",
+        default="5000,40000",
+        help="corpus sizes of the extra --engine local runs that check memory is flat in "
+        "corpus size ('' for none)",
+    )
     arguments = parser.parse_args()
     if arguments.child:
         child(arguments.child, arguments.texts, arguments.workdir)
@@ -211,8 +257,10 @@ def main() -> None:
                 result = measure(config, arguments.texts, Path(workdir))
                 runs[config].append(result)
                 print(f"repeat {repeat + 1} {config}: {result}", flush=True)
-        if "cli_local" in configs:  # memory flat in corpus size: a quarter of the corpus
-            memory.append(measure("cli_local", arguments.texts // 4, Path(workdir)))
+        if "cli_local" in configs:  # memory flat in corpus size: other corpus sizes
+            for count in [int(n) for n in arguments.memory_texts.split(",") if n]:
+                memory.append({"texts": count, **measure("cli_local", count, Path(workdir))})
+                print(f"memory check, {count} texts: {memory[-1]}", flush=True)
 
     summary: dict[str, Any] = {}
     for config, results in runs.items():
@@ -222,6 +270,10 @@ def main() -> None:
             "worker_peak_rss_mb": statistics.median(max(r["worker_peak_rss_mb"]) for r in results),
             "workers": len(results[0]["worker_peak_rss_mb"]),
         }
+        if "rss_second_half_median_mb" in results[0]:
+            summary[config]["rss_second_half_median_mb"] = statistics.median(
+                r["rss_second_half_median_mb"] for r in results
+            )
         if config.startswith("ray"):
             summary[config]["startup_s"] = statistics.median(r["startup_s"] for r in results)
     if "in_process" in summary:
@@ -232,10 +284,15 @@ def main() -> None:
                     base / summary[config]["texts_per_s"] - 1
                 )
     if memory:
-        summary["cli_local_quarter_corpus"] = {
-            "texts": arguments.texts // 4,
-            "worker_peak_rss_mb": max(memory[0]["worker_peak_rss_mb"]),
-        }
+        main_run = {"texts": arguments.texts, **runs["cli_local"][0]}
+        summary["cli_local_memory_by_corpus_size"] = [
+            {
+                "texts": run["texts"],
+                "rss_second_half_median_mb": run["rss_second_half_median_mb"],
+                "worker_peak_rss_mb": max(run["worker_peak_rss_mb"]),
+            }
+            for run in sorted([*memory, main_run], key=lambda run: run["texts"])
+        ]
     projection = project(summary, arguments.provider_tpm)
 
     print(f"\n{arguments.texts} texts, {arguments.repeats} repeats, {CORES} cores")
@@ -247,6 +304,11 @@ def main() -> None:
         print(
             f"{config:<12} {row['texts_per_s']:>8.1f} {row['worker_peak_rss_mb']:>19.0f} {shown:>9}"
         )
+    for row in summary.get("cli_local_memory_by_corpus_size", []):
+        print(
+            f"--engine local, {row['texts']:>6} texts: RSS {row['rss_second_half_median_mb']:.0f}"
+            f" MB (median, second half of the run), peak {row['worker_peak_rss_mb']:.0f} MB"
+        )
     print(json.dumps(projection, indent=2))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
@@ -257,7 +319,7 @@ def main() -> None:
                 "cores": CORES,
                 "summary": summary,
                 "runs": runs,
-                "memory_quarter_corpus": memory,
+                "memory_runs": memory,
                 "projection_10m": projection,
             },
             indent=2,
