@@ -284,14 +284,11 @@ def main() -> None:
                     base / summary[config]["texts_per_s"] - 1
                 )
     if memory:
-        main_run = {"texts": arguments.texts, **runs["cli_local"][0]}
+        main_size = {"texts": arguments.texts, **summary["cli_local"]}  # medians of the repeats
+        other_sizes = [{**r, "worker_peak_rss_mb": max(r["worker_peak_rss_mb"])} for r in memory]
         summary["cli_local_memory_by_corpus_size"] = [
-            {
-                "texts": run["texts"],
-                "rss_second_half_median_mb": run["rss_second_half_median_mb"],
-                "worker_peak_rss_mb": max(run["worker_peak_rss_mb"]),
-            }
-            for run in sorted([*memory, main_run], key=lambda run: run["texts"])
+            {key: run[key] for key in ("texts", "rss_second_half_median_mb", "worker_peak_rss_mb")}
+            for run in sorted([*other_sizes, main_size], key=lambda run: run["texts"])
         ]
     projection = project(summary, arguments.provider_tpm)
 
