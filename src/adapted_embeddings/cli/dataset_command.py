@@ -101,7 +101,9 @@ def embed_dataset_command(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Embedding cache directory (per node).")
     ] = None,
-    no_cache: Annotated[bool, typer.Option(help="Neither read nor write the cache.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the cache.")
+    ] = False,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")
     ] = True,
