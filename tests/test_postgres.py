@@ -37,6 +37,7 @@ from adapted_embeddings.llama_index import AdaptedEmbeddings as LlamaAdaptedEmbe
 from adapted_embeddings.postgres import (
     CollectionTarget,
     EmbeddedPostgres,
+    MixedSpaceError,
     TableTarget,
     UnrecordedSpaceWarning,
     check_space,
@@ -382,6 +383,19 @@ def test_unrecorded_collection_warns_then_is_checked_and_stamped(
     engine.dispose()
 
 
+def create_vector_table(url: str, table: str, texts: list[str], vectors: np.ndarray) -> None:
+    """``table`` (id, body, embedding vector(1536)) with a team's comment, rows in order."""
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        columns = "id int PRIMARY KEY, body text, embedding vector(1536)"
+        conn.execute(f"CREATE TABLE {table} ({columns})")
+        conn.execute(f"COMMENT ON TABLE {table} IS 'team chunks; owner: search'")
+        with conn.cursor().copy(f"COPY {table} (id, body, embedding) FROM STDIN") as copy:
+            for row, (body, vector) in enumerate(zip(texts, vectors, strict=True)):
+                copy.write_row((row, body, json.dumps(vector.tolist())))
+        conn.execute(f"ANALYZE {table}")  # as autovacuum would: the planner knows its size
+
+
 @pytest.mark.slow
 def test_plain_sql_table_check_refuses_vectors_of_another_basis(
     db_url: str, ada: AdaptedEmbeddings
@@ -394,16 +408,8 @@ def test_plain_sql_table_check_refuses_vectors_of_another_basis(
     real = corpus.ada[rows]
     rotation, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((1536, 1536)))
     engine = sqlalchemy.create_engine(sqlalchemy_url(db_url))
-    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        for table, vectors in (("chunks", real), ("rotated", real @ rotation.T)):
-            conn.execute(
-                f"CREATE TABLE {table} (id int PRIMARY KEY, body text, embedding vector(1536))"
-            )
-            conn.execute(f"COMMENT ON TABLE {table} IS 'team chunks; owner: search'")
-            with conn.cursor().copy(f"COPY {table} (id, body, embedding) FROM STDIN") as copy:
-                for row, vector in zip(rows, vectors, strict=True):
-                    copy.write_row((int(row), corpus.texts[row], json.dumps(vector.tolist())))
+    for table, vectors in (("chunks", real), ("rotated", real @ rotation.T)):
+        create_vector_table(db_url, table, [corpus.texts[r] for r in rows], vectors)
 
     for table, should_pass in (("chunks", True), ("rotated", False)):
         target = TableTarget(table=table, text_column="body")
@@ -431,6 +437,43 @@ def test_plain_sql_table_check_refuses_vectors_of_another_basis(
     assert recorded_space(engine, TableTarget(table="fresh")) == OPENAI_ADA_002
     with pytest.raises(SpaceMismatchError, match=r"vector\(384\)"):
         open_space(engine, TableTarget(table="narrow"), ada.space)
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_table_mixing_spaces_is_sampled_throughout_and_not_stamped(
+    db_url: str, ada: AdaptedEmbeddings
+) -> None:
+    """The oldest 40 rows hold real ada-002 vectors and the 260 after them the same kind of
+    vectors in another basis: a check of the oldest rows would pass; sampled across the
+    whole table it finds the mix, says how much is foreign, and the stamp is refused."""
+    from adapted_embeddings.training.corpora import load_jeopardy
+
+    corpus = load_jeopardy()
+    rows = np.arange(0, 3000, 10)
+    vectors = corpus.ada[rows].astype(np.float64)
+    rotation, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((1536, 1536)))
+    vectors[40:] = vectors[40:] @ rotation.T
+    create_vector_table(db_url, "mixed", [corpus.texts[r] for r in rows], vectors)
+    engine = sqlalchemy.create_engine(sqlalchemy_url(db_url))
+    target = TableTarget(table="mixed", text_column="body")
+
+    report = check_space(engine, target, ada)  # 32 rows drawn through TABLESAMPLE
+    assert report.rows_checked == 32 and not report.passed and report.mixed, report
+    assert 0 < report.rows_failing < 32 and "mix spaces" in report.reason
+    with pytest.raises(MixedSpaceError, match=r"public\.mixed as openai.*rows sampled across") as e:
+        stamp_space(engine, target, report)
+    assert e.value.target == "table public.mixed"
+    assert e.value.failing_share == report.rows_failing / 32
+    assert recorded_space(engine, target) is None
+    with pytest.warns(UnrecordedSpaceWarning, match="holds 300 vectors"):
+        assert open_space(engine, target, ada.space) is False
+
+    whole = check_space(engine, target, ada, sample=300)  # more than TABLESAMPLE aims at
+    assert (whole.rows_checked, whole.rows_failing) == (300, 260), whole
+    assert whole.failing_share == pytest.approx(260 / 300)
+    with pytest.raises(MixedSpaceError, match=r"260 of the 300 rows sampled across it \(87%\)"):
+        stamp_space(engine, target, whole)
     engine.dispose()
 
 

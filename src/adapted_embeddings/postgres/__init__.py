@@ -15,8 +15,9 @@ made in another space or at another width:
 
 Both integrations use the same helper (:mod:`adapted_embeddings.postgres.space_record`).
 A table or collection created elsewhere with no recorded space gets an
-:class:`UnrecordedSpaceWarning`; :func:`check_space` compares a sample of its stored vectors
-with the embedder's, and :func:`stamp_space` records the space once that check passed.
+:class:`UnrecordedSpaceWarning`; :func:`check_space` compares a random sample of its stored
+vectors with the embedder's, and :func:`stamp_space` records the space once that check
+passed (a table that mixes spaces is refused with :class:`MixedSpaceError`).
 
 With no ``DATABASE_URL``, :func:`database_url` starts an embedded PostgreSQL with pgvector
 (``pgserver``) in a private data directory.
@@ -34,6 +35,7 @@ from typing import Any
 _EXPORTS = {
     "SPACE_KEY": "space_record",
     "CollectionTarget": "space_record",
+    "MixedSpaceError": "space_record",
     "SpaceCheck": "space_record",
     "SpaceGuard": "space_record",
     "TableTarget": "space_record",
