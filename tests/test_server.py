@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from adapted_embeddings.cli import app as cli_app
@@ -31,7 +33,9 @@ from adapted_embeddings.encoders import SentenceTransformerEncoder
 from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.langchain import AdaptedEmbeddings
 from adapted_embeddings.server import ServerSettings, create_app
+from adapted_embeddings.server.auth import check_bearer
 from adapted_embeddings.server.config import is_loopback
+from adapted_embeddings.server.openai_errors import OpenAIStyleError
 from adapted_embeddings.server.schemas import EmbeddingResponse
 from adapted_embeddings.tokens import default_token_counter
 
@@ -71,6 +75,20 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
     assert body["error"]["message"]
     return dict(body["error"])
+
+
+def raw_exchange(port: int, head: bytes) -> bytes:
+    """Send a request head (no body) byte for byte; the whole answer, read until closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(head + b"Connection: close\r\n\r\n")
+        return read_until_closed(connection)
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
 
 
 @pytest.fixture(scope="module")
@@ -406,6 +424,13 @@ def test_bearer_token_is_required_when_configured(authed_server: ThreadedServer)
         assert http.get("/v1/models").status_code == 401
         assert http.get("/metrics", headers=good).status_code == 200
         assert http.get("/healthz").status_code == 200  # for load balancers
+    # An empty token (httpx will not send the header's trailing space, so by hand).
+    for method, path in (("POST", "/v1/embeddings"), ("GET", "/metrics")):
+        answer = raw_exchange(
+            authed_server.port,
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \r\n".encode(),
+        )
+        assert answer.startswith(b"HTTP/1.1 401"), answer
     with pytest.raises(openai.AuthenticationError) as caught:
         openai.OpenAI(base_url=authed_server.base_url, api_key="wrong").embeddings.create(
             model=ADA, input="x"
@@ -413,6 +438,47 @@ def test_bearer_token_is_required_when_configured(authed_server: ThreadedServer)
     assert caught.value.code == "invalid_api_key"
     client = openai.OpenAI(base_url=authed_server.base_url, api_key=TOKEN)
     assert len(client.embeddings.create(model=ADA, input="x").data[0].embedding) == 1536
+
+
+def test_an_empty_or_blank_api_key_is_a_configuration_error_not_auth_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in ("", " ", "\t \n"):
+        with pytest.raises(ConfigurationError, match="ADAPTED_EMBEDDINGS_SERVER_API_KEY"):
+            no_env_settings(host="0.0.0.0", api_key=key)
+    with pytest.raises(ConfigurationError, match="whitespace"):
+        no_env_settings(api_key=" padded-token ")  # no header can carry it: never matches
+    # Settings made without validation are checked again before the app is built.
+    unchecked = no_env_settings().model_copy(update={"api_key": SecretStr("")})
+    with pytest.raises(ConfigurationError, match="empty"):
+        create_app(unchecked, mode="local")
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_SERVER_API_KEY", "")
+    with pytest.raises(ConfigurationError, match="ADAPTED_EMBEDDINGS_SERVER_API_KEY"):
+        no_env_settings(host="0.0.0.0")
+    # The command exits 2 with the message. (The unknown adapter, checked only after the
+    # server settings, keeps an old build from starting a server here.)
+    for arguments, env in (
+        (["--api-key", ""], {}),
+        ([], {"ADAPTED_EMBEDDINGS_SERVER_API_KEY": "  "}),
+    ):
+        result = CliRunner().invoke(
+            cli_app,
+            ["serve", "--host", "0.0.0.0", *arguments, "--adapter", "no-such-adapter-x1"],
+            env=env,
+        )
+        assert result.exit_code == 2, result.output
+        assert "ADAPTED_EMBEDDINGS_SERVER_API_KEY (or --api-key)" in result.output
+
+
+def test_an_empty_token_never_passes_the_bearer_check() -> None:
+    for header in ("Bearer ", "Bearer", "Bearer  \t", ""):
+        for key in (SecretStr(""), SecretStr("k")):
+            with pytest.raises(OpenAIStyleError) as caught:
+                check_bearer(header, key)
+            assert caught.value.status == 401
+    check_bearer("Bearer k", SecretStr("k"))
+    # Starlette hands header bytes over as latin-1; a UTF-8 key sent as UTF-8 matches.
+    check_bearer("Bearer " + "clé-ключ".encode().decode("latin-1"), SecretStr("clé-ключ"))
 
 
 def test_exposed_host_needs_a_token_or_an_explicit_no_auth() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from pydantic import SecretStr
@@ -15,8 +16,14 @@ def check_bearer(authorization: str | None, expected: SecretStr | None) -> None:
     """Raise a 401 unless ``authorization`` carries the expected token.
 
     No token configured means no check (the server refuses to start that way beyond
-    loopback unless told to). The comparison takes the same time wherever the tokens differ,
-    and neither token ever appears in the error.
+    loopback unless told to). An empty token is never accepted, even against an empty
+    key (which the settings refuse anyway). Both tokens are hashed before the constant-time
+    comparison, so neither their content nor their length shows in the timing, and neither
+    token ever appears in the error.
+
+    Args:
+        authorization: The ``Authorization`` header as Starlette decodes it (latin-1).
+        expected: The server's token, or None for no check.
 
     Raises:
         OpenAIStyleError: 401, ``invalid_api_key``.
@@ -33,9 +40,11 @@ def check_bearer(authorization: str | None, expected: SecretStr | None) -> None:
             headers=_CHALLENGE,
         )
     scheme, _, token = authorization.strip().partition(" ")
-    given = token.strip().encode("utf-8", "surrogatepass")
+    # Starlette decodes header bytes as latin-1; encoding back gives the bytes sent.
+    given = token.strip().encode("latin-1", "replace")
     wanted = expected.get_secret_value().encode("utf-8")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, wanted):
+    same = hmac.compare_digest(_digest(given), _digest(wanted))
+    if scheme.lower() != "bearer" or not given or not wanted or not same:
         raise OpenAIStyleError(
             401,
             "Incorrect API key provided. Send the server's key as 'Authorization: Bearer "
@@ -43,3 +52,7 @@ def check_bearer(authorization: str | None, expected: SecretStr | None) -> None:
             code="invalid_api_key",
             headers=_CHALLENGE,
         )
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()

@@ -8,6 +8,7 @@ these are read from ``ADAPTED_EMBEDDINGS_SERVER_*``, e.g. ``ADAPTED_EMBEDDINGS_S
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,7 +34,8 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None,
         description="Bearer token clients must send (Authorization: Bearer ...). Required "
-        "when the host is not loopback, unless allow_unauthenticated is set.",
+        "when the host is not loopback, unless allow_unauthenticated is set. Never empty, "
+        "blank or padded with whitespace (a ConfigurationError): unset it to turn auth off.",
     )
     allow_unauthenticated: bool = Field(
         default=False,
@@ -65,20 +67,53 @@ class ServerSettings(BaseSettings):
     workers: int = Field(default=1, ge=1, description="Worker processes (each its own pipeline).")
     log_level: str = Field(default="info", description="uvicorn log level.")
 
+    def __init__(self, **values: Any) -> None:
+        """Read the settings (arguments, then ``ADAPTED_EMBEDDINGS_SERVER_*``, then ``.env``).
+
+        Raises:
+            ConfigurationError: If the API key is empty, blank or padded with whitespace.
+            pydantic.ValidationError: If a value has the wrong type or is out of range.
+
+        """
+        super().__init__(**values)
+        _check_api_key(self.api_key)
+
     def check_exposure(self) -> None:
         """Refuse to serve an unauthenticated API beyond this machine.
 
         Raises:
             ConfigurationError: If the host is not loopback, no token is set and
-                ``allow_unauthenticated`` is off.
+                ``allow_unauthenticated`` is off; or if the token is empty or blank
+                (settings made without validation, e.g. ``model_copy(update=...)``).
 
         """
+        _check_api_key(self.api_key)
         if is_loopback(self.host) or self.api_key is not None or self.allow_unauthenticated:
             return
         raise ConfigurationError(
             f"host {self.host!r} is reachable from other machines, so clients must send a "
             "bearer token: set ADAPTED_EMBEDDINGS_SERVER_API_KEY (or --api-key), or pass "
             "--no-auth to serve without one"
+        )
+
+
+def _check_api_key(key: SecretStr | None) -> None:
+    """Refuse a key no client can usefully send: it would turn auth off or never match."""
+    if key is None:
+        return
+    value = key.get_secret_value()
+    if not value.strip():
+        problem = "empty" if not value else "blank (only whitespace)"
+        raise ConfigurationError(
+            f"ADAPTED_EMBEDDINGS_SERVER_API_KEY (or --api-key) is {problem}, which would let "
+            "any client in with an empty token: set a real token, or unset the variable "
+            "(loopback needs no token; --no-auth serves other hosts without one)"
+        )
+    if value != value.strip():
+        raise ConfigurationError(
+            "ADAPTED_EMBEDDINGS_SERVER_API_KEY (or --api-key) starts or ends with whitespace, "
+            "which an Authorization header cannot carry, so no client could match it: remove "
+            "the whitespace"
         )
 
 
