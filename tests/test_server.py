@@ -248,6 +248,25 @@ def test_model_names_and_dimensions(http: httpx.Client) -> None:
     assert error_of(unknown)["code"] == "model_not_found"
 
 
+def test_long_model_names_are_refused_and_the_404_echoes_a_short_prefix(
+    http: httpx.Client,
+) -> None:
+    assert no_env_settings().max_model_chars == 256
+    for length in (257, 2_000_000):  # a 2 MB name used to be kept by the name matcher's cache
+        name = f"{length}-" + "m" * length
+        answer = http.post("/v1/embeddings", json={"input": "hi", "model": name})
+        assert answer.status_code == 400, answer.text[:300]
+        error = error_of(answer)
+        assert (error["param"], error["code"]) == ("model", "string_above_max_length")
+        assert "maximum length 256" in error["message"] and len(answer.content) < 500
+    card = http.get("/v1/models/" + "m" * 300)
+    assert card.status_code == 400 and error_of(card)["code"] == "string_above_max_length"
+    unknown = "u" * 256  # at the limit: looked up, not found, and not echoed whole
+    answer = http.post("/v1/embeddings", json={"input": "hi", "model": unknown})
+    assert answer.status_code == 404 and error_of(answer)["code"] == "model_not_found"
+    assert unknown not in answer.text and "u" * 64 + "..." in answer.text
+
+
 def test_role_extension_by_body_field_or_header(http: httpx.Client) -> None:
     body = {"input": "a query", "model": ADA}
     assert http.post("/v1/embeddings", json={**body, "input_type": "query"}).status_code == 200

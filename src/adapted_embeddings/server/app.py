@@ -57,6 +57,8 @@ DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 """How much of an oversized body is read and dropped so the client sees the 413."""
 INLINE_CHARACTERS = 20_000
 """Requests with less text than this are checked and counted on the event loop."""
+ECHOED_MODEL_CHARS = 64
+"""How much of an unknown model name a 404 repeats back."""
 
 
 class Admission:
@@ -189,13 +191,16 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
     def authorize(request: Request) -> None:
         check_bearer(request.headers.get("authorization"), settings.api_key)
 
+    def check_model(model: str) -> None:
+        _check_model(model, space, settings.max_model_chars)
+
     async def embeddings(request: Request) -> Response:
         authorize(request)
         admission.enter()
         try:
             body = await _read_body(request, settings.max_body_bytes)
             payload = _parse(body)
-            _check_model(payload.model, space)
+            check_model(payload.model)
             if payload.dimensions is not None and payload.dimensions != space.dimensions:
                 raise bad_request(
                     f"dimensions={payload.dimensions} is not available: this server serves "
@@ -231,7 +236,7 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
     @app.get("/v1/models/{model:path}")
     async def model(request: Request, model: str) -> Response:
         authorize(request)
-        _check_model(model, space)
+        check_model(model)
         return _json(card.model_dump_json())
 
     @app.get("/healthz")
@@ -334,16 +339,30 @@ def _describe_invalid(exc: ValidationError) -> OpenAIStyleError:
     return bad_request(f"Invalid value for '{field}': expected {expected}.", param=field)
 
 
-@functools.lru_cache(maxsize=256)
-def _answers_to(space: EmbeddingSpace, model: str) -> bool:
-    return space_matches(space, model)
+def _check_model(model: str, space: EmbeddingSpace, max_chars: int) -> None:
+    """Raise unless ``model`` names the served space.
 
+    Nothing is cached by the name a client sent: any string can arrive here, and a cache
+    keyed by it would keep the last few hundred, however long, in memory.
 
-def _check_model(model: str, space: EmbeddingSpace) -> None:
-    if not _answers_to(space, model):
+    Raises:
+        OpenAIStyleError: 400 ``string_above_max_length`` past ``max_chars`` characters,
+            404 ``model_not_found`` for another model (its name cut to a few dozen
+            characters).
+
+    """
+    if len(model) > max_chars:
+        raise bad_request(
+            f"Invalid 'model': string too long. Expected a string with maximum length "
+            f"{max_chars}, but got a string with length {len(model)} instead.",
+            param="model",
+            code="string_above_max_length",
+        )
+    if not space_matches(space, model):
+        shown = model if len(model) <= ECHOED_MODEL_CHARS else model[:ECHOED_MODEL_CHARS] + "..."
         raise OpenAIStyleError(
             404,
-            f"The model '{model}' does not exist on this server. It serves "
+            f"The model '{shown}' does not exist on this server. It serves "
             f"'{space.model}' (space {space.id}).",
             param="model",
             code="model_not_found",

@@ -51,6 +51,11 @@ class ServerSettings(BaseSettings):
     max_tokens_per_input: int = Field(
         default=8191, ge=1, description="cl100k tokens per input (400 past it), as OpenAI."
     )
+    max_model_chars: int = Field(
+        default=256,
+        ge=1,
+        description="Longest 'model' name accepted (400 string_above_max_length past it).",
+    )
     max_concurrent_requests: int = Field(
         default=64,
         ge=1,
