@@ -550,6 +550,9 @@ def test_full_server_answers_429_with_retry_after(
         )
         worker.start()
         wait_for(lambda: len(fault_server.requests) == 1)
+        health = httpx.get(f"{server.url}/healthz", timeout=30)
+        assert health.status_code == 200
+        assert health.json() | {"in_flight": 1, "limit": 1, "status": "saturated"} == health.json()
         busy = httpx.post(f"{server.base_url}/embeddings", json=body, timeout=60)
         assert busy.status_code == 429
         assert busy.headers["Retry-After"] == "2"
@@ -559,7 +562,40 @@ def test_full_server_answers_429_with_retry_after(
         again = httpx.post(f"{server.base_url}/embeddings", json=body, timeout=60)
         assert again.status_code == 200
         assert again.json()["data"][0]["route"] == "provider"
+        assert httpx.get(f"{server.url}/healthz", timeout=30).json()["status"] == "ok"
     finally:
+        server.close()
+
+
+def open_stalled_upload(port: int) -> socket.socket:
+    """A POST that announces 100 body bytes, sends 9 and then nothing."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"input":'
+    )
+    return connection
+
+
+def test_stalled_uploads_hold_no_slot_and_time_out_with_408() -> None:
+    assert no_env_settings().body_timeout_seconds == 30.0
+    settings = no_env_settings(max_concurrent_requests=2, body_timeout_seconds=1.5)
+    server = ThreadedServer(create_app(settings, model=ADA, mode="local", cache=False))
+    stalled = [open_stalled_upload(server.port) for _ in range(6)]  # three times the limit
+    try:
+        time.sleep(0.5)  # every stalled request has reached the app
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        served = client.embeddings.create(model=ADA, input="served past the stalled uploads")
+        assert len(served.data[0].embedding) == 1536
+        health = httpx.get(f"{server.url}/healthz", timeout=30).json()
+        assert (health["status"], health["in_flight"], health["limit"]) == ("ok", 0, 2)
+        for connection in stalled:
+            head, _, body = read_until_closed(connection).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), head
+            assert json.loads(body)["error"]["code"] == "request_timeout"
+    finally:
+        for connection in stalled:
+            connection.close()
         server.close()
 
 

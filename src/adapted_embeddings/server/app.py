@@ -69,9 +69,14 @@ class Admission:
         self.retry_after = retry_after
         self.active = 0  # only touched on the event loop, so no lock
 
+    @property
+    def full(self) -> bool:
+        """Whether every slot is taken (the next request gets a 429)."""
+        return self.active >= self.limit
+
     def enter(self) -> None:
         """Take a slot, or raise a 429 with Retry-After."""
-        if self.active >= self.limit:
+        if self.full:
             raise OpenAIStyleError(
                 429,
                 f"The server is busy ({self.limit} requests in progress); retry after "
@@ -196,9 +201,11 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
 
     async def embeddings(request: Request) -> Response:
         authorize(request)
+        # The body is read before a slot is taken, and within a deadline, so clients that
+        # send it slowly (or never) cannot hold every slot and lock the others out.
+        body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_seconds)
         admission.enter()
         try:
-            body = await _read_body(request, settings.max_body_bytes)
             payload = _parse(body)
             check_model(payload.model)
             if payload.dimensions is not None and payload.dimensions != space.dimensions:
@@ -241,16 +248,24 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        """Readiness: 200 once the local model is in memory, 503 while loading or failed."""
+        """Readiness: 200 once the local model is in memory, 503 while loading or failed.
+
+        A loaded server with every slot taken says ``"saturated"`` (new embedding requests
+        get a 429) but still answers 200, so a liveness probe does not restart a busy server.
+        """
         loaded = getattr(pipeline.encoder, "loaded", True)
         error = warm_up.get("error")
-        status = "ok" if loaded else ("error" if error is not None else "loading")
+        if loaded:
+            status = "saturated" if admission.full else "ok"
+        else:
+            status = "error" if error is not None else "loading"
         body: dict[str, Any] = {
             "status": status,
             "space": space.id,
             "adapter": pipeline.adapter.name if pipeline.adapter else None,
             "mode": pipeline.gate.mode,
             "in_flight": admission.active,
+            "limit": admission.limit,
         }
         if status == "error":
             body["error"] = f"{type(error).__name__}: {redact(str(error), [upstream_key])}"
@@ -268,7 +283,26 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The body; a 413 once it passes ``limit`` bytes, a 408 if not all in within ``seconds``.
+
+    Raises:
+        OpenAIStyleError: 413 ``request_too_large`` or 408 ``request_timeout``.
+
+    """
+    try:
+        return await asyncio.wait_for(_read_limited(request, limit), seconds)
+    except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+        raise OpenAIStyleError(
+            408,
+            f"The request body did not arrive within the server's limit of {seconds:g} s; "
+            "send it without pauses, or send fewer inputs per request.",
+            code="request_timeout",
+            headers={"Connection": "close"},  # the rest of the body may still be coming
+        ) from None
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
     """The body, or a 413 once it passes ``limit`` bytes (read no further than needed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

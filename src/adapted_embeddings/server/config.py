@@ -56,6 +56,12 @@ class ServerSettings(BaseSettings):
         ge=1,
         description="Longest 'model' name accepted (400 string_above_max_length past it).",
     )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Time a request body may take to arrive (408 past it). Bodies are read "
+        "before a request takes one of max_concurrent_requests, so slow uploads hold none.",
+    )
     max_concurrent_requests: int = Field(
         default=64,
         ge=1,
