@@ -35,6 +35,7 @@ from adapted_embeddings.langchain import AdaptedEmbeddings
 from adapted_embeddings.server import ServerSettings, create_app
 from adapted_embeddings.server.auth import check_bearer
 from adapted_embeddings.server.config import is_loopback
+from adapted_embeddings.server.metrics import KNOWN_METHODS
 from adapted_embeddings.server.openai_errors import OpenAIStyleError
 from adapted_embeddings.server.schemas import EmbeddingResponse
 from adapted_embeddings.tokens import default_token_counter
@@ -350,6 +351,42 @@ def parse_prometheus(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+def test_metrics_labels_stay_bounded_whatever_methods_and_paths_clients_send(
+    http: httpx.Client,
+) -> None:
+    def response_labels() -> set[str]:
+        samples = parse_prometheus(http.get("/metrics").text)
+        return {name for name in samples if name.startswith(RESPONSES)}
+
+    def send_unique(count: int) -> None:
+        for i in range(count):
+            unique = f"{time.time_ns()}{i}"
+            http.request(f"M{unique}", "/v1/embeddings")  # 405
+            http.request(f"M{unique}", f"/nowhere/{unique}")  # 404
+            http.get(f"/v1/{unique}")
+
+    http.get("/metrics")  # so the scrapes below find their own series already there
+    send_unique(30)
+    labels = response_labels()
+    send_unique(30)
+    assert response_labels() == labels  # new names added no series
+    methods = {label.split('method="')[1].split('"')[0] for label in labels}
+    paths = {label.split('path="')[1].split('"')[0] for label in labels}
+    assert "other" in methods and methods <= KNOWN_METHODS | {"other"}
+    assert paths <= {
+        "/v1/embeddings",
+        "/embeddings",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/healthz",
+        "/metrics",
+        "other",
+    }
+
+
+RESPONSES = "adapted_embeddings_http_responses_total"
 
 
 # -- bad requests: right status, OpenAI-shaped error, and the server keeps serving ---------

@@ -22,6 +22,14 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 """Upper bounds in seconds; a cache hit takes about a millisecond, a provider call ~0.1-1 s."""
 
 KNOWN_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/healthz", "/metrics"})
+MODEL_CARD_PATH = "/v1/models/{model}"
+"""The one label for every ``GET /v1/models/<name>``."""
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+OTHER = "other"
+"""The label of any other path or method: labels must not be whatever a client sends, or
+every new method name or URL would add series to /metrics for as long as the process runs."""
 ROUTE_COUNTERS = (
     ("cache", "cache_hits"),
     ("local", "local"),
@@ -72,8 +80,9 @@ class ServerMetrics:
         self._lock = threading.Lock()
 
     def record(self, path: str, method: str, status: int, seconds: float) -> None:
-        """Count one finished HTTP request."""
-        label = path if path in KNOWN_PATHS else "other"
+        """Count one finished HTTP request, under a bounded set of path and method labels."""
+        label = path_label(path)
+        method = method if method in KNOWN_METHODS else OTHER
         with self._lock:
             self.responses[(label, method, status)] += 1
             histogram = self.latency.setdefault(label, LatencyHistogram())
@@ -202,6 +211,13 @@ class MetricsMiddleware:
             self.metrics.record(
                 scope["path"], scope["method"], status, time.perf_counter() - started
             )
+
+
+def path_label(path: str) -> str:
+    """The label for ``path``: a route of the server, or ``other``."""
+    if path in KNOWN_PATHS:
+        return path
+    return MODEL_CARD_PATH if path.startswith("/v1/models/") else OTHER
 
 
 def _family(lines: list[str], name: str, kind: str, help_text: str) -> None:
