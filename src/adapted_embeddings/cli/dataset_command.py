@@ -107,6 +107,13 @@ def embed_dataset_command(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")
     ] = True,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            help="Start over: delete the run already in --output (the files embed-dataset "
+            "wrote there) instead of resuming it."
+        ),
+    ] = False,
 ) -> None:
     """Embed the text column of files into Parquet, with the space in each file's metadata.
 
@@ -114,9 +121,15 @@ def embed_dataset_command(
     directory gets one file per --rows-per-file rows of each input, each written
     atomically, so a killed run restarted with the same arguments skips the files already
     written (with either engine). Inputs are checked completely before any embedding.
+    A restart that would embed with another adapter, mode or threshold is refused (the run
+    and each file record them); --restart starts over instead.
     """
-    from adapted_embeddings.datasets import embed_files, prepare_run
-    from adapted_embeddings.ray import resolve_target_space
+    from adapted_embeddings.datasets import (
+        PipelineIdentity,
+        bulk_pipeline,
+        embed_files,
+        prepare_run,
+    )
 
     keywords: dict[str, Any] = {
         "source": source,
@@ -131,17 +144,20 @@ def embed_dataset_command(
         "cache_dir": cache_dir,
     }
     keywords = {name: value for name, value in keywords.items() if value is not None}
-    try:
-        space = resolve_target_space(keywords)
+    try:  # the adapter is resolved once, here, and pinned for the whole run
+        pipeline, keywords = bulk_pipeline(keywords)
     except ConfigurationError as exc:
         raise ConfigurationError(str(exc) + "." + CLI_HINT) from exc
+    space = pipeline.space
     tasks = prepare_run(
         inputs,
         output,
         space=space,
+        pipeline=PipelineIdentity.of(pipeline),
         text_column=text_column,
         role=role.value,
         rows_per_file=rows_per_file,
+        restart=restart,
     )
     total = sum(t.rows for t in tasks)
     skipped = sum(t.rows for t in tasks if t.done)
@@ -162,9 +178,6 @@ def embed_dataset_command(
         )
 
     if engine is EngineChoice.local:
-        from adapted_embeddings.factory import PipelineOptions
-
-        pipeline = PipelineOptions(**keywords).build_pipeline()  # before the bar is drawn
         with bar() as shown:
             summary = embed_files(
                 tasks,
