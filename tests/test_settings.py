@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.settings import AdaptedEmbeddingsSettings, load_settings
+from adapted_embeddings.settings_check import check_variable_names
 
 
 def _error(monkeypatch: pytest.MonkeyPatch, **variables: str) -> str:
@@ -75,13 +77,78 @@ def test_an_unknown_group_member_with_no_near_miss_lists_the_group(
     assert "the gate settings are ADAPTED_EMBEDDINGS_GATE__DOCUMENT_THRESHOLD" in message
 
 
-def test_other_tools_variables_with_the_prefix_are_left_alone(
+def test_variables_read_on_purpose_are_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_SERVER_API_KEY", "x")  # the server's settings
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_SERVER_PIPELINE_KEYWORDS", "{}")  # serve's workers
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_DEBUG", "1")  # the CLI's --debug
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_SHOW_PROGRESS", "1")  # the encoders
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_DIRS", "/tmp")  # the registry
+    assert load_settings().gate.mode == "hybrid"
+
+
+def _every_variable(model: type[BaseModel], prefix: str = "ADAPTED_EMBEDDINGS_") -> list[str]:
+    """Every settings variable, walked from the models (others are adding settings)."""
+    names = []
+    for name, field in model.model_fields.items():
+        names.append(prefix + name.upper())
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            names.extend(_every_variable(nested, f"{prefix}{name.upper()}__"))
+    return names
+
+
+def test_every_setting_is_accepted_by_name() -> None:
+    variables = _every_variable(AdaptedEmbeddingsSettings)
+    assert "ADAPTED_EMBEDDINGS_GATE__MODE" in variables
+    check_variable_names(AdaptedEmbeddingsSettings, environ=dict.fromkeys(variables, "x"))
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        # A setting's name without its group, as a new user guesses it.
+        ("ADAPTED_EMBEDDINGS_MODE", "did you mean ADAPTED_EMBEDDINGS_GATE__MODE?"),
+        (
+            "ADAPTED_EMBEDDINGS_STORE_TEXT",
+            "did you mean ADAPTED_EMBEDDINGS_CACHE__STORE_TEXT or "
+            "ADAPTED_EMBEDDINGS_LEARNING__STORE_TEXT?",
+        ),
+        ("ADAPTED_EMBEDDINGS_SHOWPROGRESS", "did you mean ADAPTED_EMBEDDINGS_SHOW_PROGRESS?"),
+        # No group of that name, and nothing close: say which names exist.
+        ("ADAPTED_EMBEDDINGS_TOKENISER__KIND", "ADAPTED_EMBEDDINGS_<GROUP>__<NAME> for the groups"),
+        ("ADAPTED_EMBEDDINGS_VERBOSITY", "ADAPTED_EMBEDDINGS_<NAME> for source, target"),
+    ],
+)
+def test_any_other_variable_with_the_prefix_is_refused_with_its_near_miss(
+    monkeypatch: pytest.MonkeyPatch, variable: str, expected: str
+) -> None:
+    message = _error(monkeypatch, **{variable: "hybird"})
+    assert message.startswith(f"unknown setting in environment variable {variable}: ")
+    assert expected in message
+    if "for the groups" in message:  # every group, whichever exist when this runs
+        groups = [v.split("__")[0] for v in _every_variable(AdaptedEmbeddingsSettings) if "__" in v]
+        assert all(g.removeprefix("ADAPTED_EMBEDDINGS_").lower() in message for g in groups)
+
+
+def test_the_library_refuses_an_unknown_variable_as_the_cli_does(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("ADAPTED_EMBEDDINGS_SERVER_API_KEY", "x")
-    monkeypatch.setenv("ADAPTED_EMBEDDINGS_DEBUG", "1")
-    monkeypatch.setenv("ADAPTED_EMBEDDINGS_SHOW_PROGRESS", "1")
-    assert load_settings().gate.mode == "hybrid"
+    from adapted_embeddings.langchain import AdaptedEmbeddings
+
+    # Whatever groups exist when this runs, a group nobody has is refused, not ignored.
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ENCODERS__BACKEND", "torch")
+    with pytest.raises(ConfigurationError, match="ADAPTED_EMBEDDINGS_ENCODERS__BACKEND"):
+        AdaptedEmbeddings(mode="local", cache=False)
+    monkeypatch.delenv("ADAPTED_EMBEDDINGS_ENCODERS__BACKEND")
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_MODE", "hybird")
+    with pytest.raises(ConfigurationError, match="did you mean ADAPTED_EMBEDDINGS_GATE__MODE"):
+        AdaptedEmbeddings(mode="local", cache=False)
+
+
+def test_a_misspelt_server_variable_gets_its_near_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("fastapi")
+    message = _error(monkeypatch, ADAPTED_EMBEDDINGS_SERVER_APIKEY="x")
+    assert "did you mean ADAPTED_EMBEDDINGS_SERVER_API_KEY?" in message
 
 
 def test_a_dotenv_line_is_named_with_its_file_and_line_number(tmp_path: Path) -> None:
@@ -95,6 +162,9 @@ def test_a_dotenv_line_is_named_with_its_file_and_line_number(tmp_path: Path) ->
     )
     (tmp_path / ".env").write_text("export ADAPTED_EMBEDDINGS_CACHE__DIR=/x\n", encoding="utf-8")
     with pytest.raises(ConfigurationError, match=r"\.env line 1 .*CACHE__DIRECTORY\?"):
+        load_settings()
+    (tmp_path / ".env").write_text("\nADAPTED_EMBEDDINGS_MODE=local\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match=r"\.env line 2 .*GATE__MODE\?"):
         load_settings()
 
 
