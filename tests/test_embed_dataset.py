@@ -267,6 +267,35 @@ def test_a_resume_with_another_adapter_is_refused_and_files_record_theirs(tmp_pa
     assert table.num_rows == 30 and b"adapted_embeddings_pipeline" not in table.schema.metadata
 
 
+def test_repeated_texts_of_a_fresh_run_are_counted_as_duplicates_not_cache(
+    tmp_path: Path,
+) -> None:
+    """A fresh run's repeats (in one batch, in a later chunk, in another input) used to be
+    reported under route cache, as if an earlier run had paid for them; they are counted
+    as duplicate, and cache counts only what an earlier run cached."""
+    unique = texts(20)
+    first = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"text": t} for t in [*unique[:10], unique[3], *unique[10:], *unique[:5]]],
+    )  # 26 rows: one repeat in the first chunk, five in the last
+    second = write_jsonl(tmp_path / "b.jsonl", [{"text": unique[7]}, {"text": "brand new"}])
+    options = ["--mode", "local", "--cache-dir", str(tmp_path / "cache"), "--rows-per-file", "12"]
+    options += ["--no-progress", "-o"]
+
+    result = invoke(["embed-dataset", str(first), str(second), *options, str(tmp_path / "one")])
+    assert result.exit_code == 0, result.stderr
+    assert "28 texts embedded into 4 files" in result.stdout
+    assert "21 local, 0 provider, 0 cache, 0 local_degraded, 7 duplicate" in result.stdout
+    table = read_embeddings(tmp_path / "one")
+    assert table.num_rows == 28  # every row is still written, in input order
+    assert table.column("text").to_pylist()[10] == unique[3]
+
+    # The same texts again, into another directory: all were cached by the first run.
+    result = invoke(["embed-dataset", str(first), str(second), *options, str(tmp_path / "two")])
+    assert result.exit_code == 0, result.stderr
+    assert "0 local, 0 provider, 21 cache, 0 local_degraded, 7 duplicate" in result.stdout
+
+
 def test_unreachable_ray_address_is_one_line(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])

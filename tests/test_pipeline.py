@@ -22,6 +22,7 @@ from adapted_embeddings.errors import (
     ProviderError,
 )
 from adapted_embeddings.langchain import AdaptedEmbeddings
+from adapted_embeddings.registry import find_adapter, list_adapters
 
 from .conftest import free_port
 from .recording_proxy import RecordingProxy
@@ -289,6 +290,39 @@ def test_unknown_model_lists_available_adapters(tmp_path: Path) -> None:
     with pytest.raises(AdapterNotFoundError, match="Available adapters") as caught:
         AdaptedEmbeddings(model="text-embedding-9-huge", mode="local", cache_dir=tmp_path)
     assert "text-embedding-ada-002" in str(caught.value)
+
+
+def test_the_adapter_keyword_and_setting_take_a_name_or_a_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    linear = find_adapter(name="minilm-l6-to-ada-002-linear")
+    by_directory = AdaptedEmbeddings(adapter=str(linear.path), mode="local", cache=False)
+    by_name = AdaptedEmbeddings(adapter=linear.name, mode="local", cache=False)
+    assert by_name.pipeline.adapter is not None and by_name.pipeline.adapter.name == linear.name
+    expected = by_directory.embed_documents(TEXTS[:2])
+    np.testing.assert_array_equal(by_name.embed_documents(TEXTS[:2]), expected)
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_PATH", linear.name)
+    from_setting = AdaptedEmbeddings(mode="local", cache=False)
+    np.testing.assert_array_equal(from_setting.embed_documents(TEXTS[:2]), expected)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "variable", "named"),
+    [
+        ("no-such-adapter", None, "keyword adapter is 'no-such-adapter'"),
+        (None, "/nowhere", "environment variable ADAPTED_EMBEDDINGS_ADAPTER_PATH is '/nowhere'"),
+    ],
+)
+def test_an_adapter_that_is_neither_a_name_nor_a_directory_names_where_it_was_given(
+    monkeypatch: pytest.MonkeyPatch, keyword: str | None, variable: str | None, named: str
+) -> None:
+    if variable is not None:
+        monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_PATH", variable)
+    with pytest.raises(AdapterNotFoundError) as caught:
+        AdaptedEmbeddings(adapter=keyword, mode="local", cache=False)
+    assert str(caught.value).startswith(named)
+    assert caught.value.available and len(caught.value.available) == len(list_adapters())
+    assert all(f"  {e.name} [" in str(caught.value) for e in list_adapters())
 
 
 def test_settings_are_read_from_the_environment(

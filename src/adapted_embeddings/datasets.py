@@ -79,6 +79,17 @@ DEFAULT_ROWS_PER_FILE = 10_000
 
 ROUTES = ("local", "provider", "cache", "local_degraded")
 
+DUPLICATE = "duplicate"
+"""Summary count of rows whose text already occurred earlier in the run (in input order).
+
+Each text of a run is counted once, under its route; its later copies are counted here
+instead, whatever route the pipeline gave them (``cache`` when an earlier batch cached it),
+so ``cache`` counts only what earlier runs had cached.
+"""
+
+SUMMARY_COUNTS = (*ROUTES, DUPLICATE)
+"""The counts of a run's summary: rows per route, then the duplicates."""
+
 _TEMPORARY_PREFIX = ".incomplete-"
 
 
@@ -319,10 +330,19 @@ def with_embeddings(
     return table.replace_schema_metadata({SPACE_METADATA_KEY: space.id, **(metadata or {})})
 
 
-def route_counts(table: pa.Table) -> dict[str, int]:
-    """How many rows of an embedded table took each route."""
-    counts = Counter(table.column("route").to_pylist())
-    return {route: counts.get(route, 0) for route in ROUTES}
+def route_counts(table: pa.Table, duplicates: Sequence[int] = ()) -> dict[str, int]:
+    """How many rows of an embedded table took each route, and how many are ``duplicates``.
+
+    Args:
+        table: The embedded rows.
+        duplicates: Positions of rows whose text occurred earlier in the run; they are
+            counted as :data:`DUPLICATE`, not under their route.
+
+    """
+    repeated = set(duplicates)
+    routes = table.column("route").to_pylist()
+    counts = Counter(r for i, r in enumerate(routes) if i not in repeated)
+    return {**{route: counts.get(route, 0) for route in ROUTES}, DUPLICATE: len(repeated)}
 
 
 # -- writing and reading -----------------------------------------------------------------
@@ -520,21 +540,42 @@ def scan_input(path: str | Path, *, text_column: str) -> InputFile:
             rows, already has an output column, or has a bad text cell (naming the row).
 
     """
+    return _scan_input(path, text_column=text_column)[0]
+
+
+def _scan_input(path: str | Path, *, text_column: str) -> tuple[InputFile, np.ndarray]:
+    """:func:`scan_input`, and a 64-bit hash of each row's text (8 bytes a row)."""
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise InputFileError(f"input file not found: {path}")
     if path.is_dir():
         raise InputFileError(f"input path is a directory, not a file: {path}")
     fmt = detect_format(path)
-    rows = 0
-    for chunk in iter_chunks(path, fmt, text_column=text_column, rows_per_file=50_000):
-        rows += chunk.table.num_rows
+    hashes = [
+        np.fromiter(map(hash, chunk.texts), dtype=np.int64, count=len(chunk.texts))
+        for chunk in iter_chunks(path, fmt, text_column=text_column, rows_per_file=50_000)
+    ]
+    rows = sum(len(h) for h in hashes)
     if rows == 0:
         raise InputFileError(f"{path} holds no rows")
     stat = path.stat()
-    return InputFile(
+    scanned = InputFile(
         path=str(path), format=fmt, rows=rows, size=stat.st_size, mtime_ns=stat.st_mtime_ns
     )
+    return scanned, np.concatenate(hashes)
+
+
+def _repeated_rows(hashes: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per input, whether each row's text occurred earlier in the run (inputs in order).
+
+    Texts are compared by their 64-bit hash (this process's ``hash``): two different texts
+    share one with a chance of about 1 in 10^10 in a run of 10 million, and the only effect
+    would be one row counted as a duplicate in the summary.
+    """
+    every = np.concatenate(hashes)
+    repeated = np.ones(len(every), dtype=bool)
+    repeated[np.unique(every, return_index=True)[1]] = False
+    return np.split(repeated, np.cumsum([len(h) for h in hashes])[:-1])
 
 
 def iter_chunks(
@@ -648,6 +689,10 @@ class ChunkTask(BaseModel):
     output_path: str = Field(description="The Parquet file to write.")
     done: bool = Field(description="True if a previous run already wrote it.")
     pipeline: PipelineIdentity = Field(description="The pipeline the run embeds with.")
+    duplicates: list[int] = Field(
+        default_factory=list,
+        description="Rows of the chunk (0-based) whose text occurred earlier in the run.",
+    )
 
 
 class RunSummary(BaseModel):
@@ -658,7 +703,8 @@ class RunSummary(BaseModel):
     rows_skipped: int = Field(default=0, description="Rows in files finished earlier.")
     files_skipped: int = Field(default=0, description="Output files finished earlier.")
     routes: dict[str, int] = Field(
-        default_factory=lambda: dict.fromkeys(ROUTES, 0), description="Rows per route."
+        default_factory=lambda: dict.fromkeys(SUMMARY_COUNTS, 0),
+        description="Rows per route, and the rows repeating a text of the run (duplicate).",
     )
 
     def add(self, routes: dict[str, int]) -> None:
@@ -711,10 +757,13 @@ def prepare_run(
         raise ConfigurationError(f"rows_per_file must be at least 1, got {rows_per_file}")
     if not inputs:
         raise InputFileError("no input files given")
-    scanned = [scan_input(path, text_column=text_column) for path in inputs]
-    duplicates = [p for p, n in Counter(s.path for s in scanned).items() if n > 1]
-    if duplicates:
-        raise InputFileError(f"input {duplicates[0]} is given more than once")
+    scans = [_scan_input(path, text_column=text_column) for path in inputs]
+    scanned = [s for s, _ in scans]
+    twice = [p for p, n in Counter(s.path for s in scanned).items() if n > 1]
+    if twice:
+        raise InputFileError(f"input {twice[0]} is given more than once")
+    repeated = _repeated_rows([h for _, h in scans])
+    del scans
     manifest = RunManifest(
         embedding_space=space.id,
         text_column=text_column,
@@ -736,7 +785,8 @@ def prepare_run(
     for index, source in enumerate(scanned):
         stem = _safe_stem(Path(source.path))
         for chunk in range((source.rows + rows_per_file - 1) // rows_per_file):
-            rows = min(rows_per_file, source.rows - chunk * rows_per_file)
+            first = chunk * rows_per_file
+            rows = min(rows_per_file, source.rows - first)
             target = directory / f"{index:04d}-{stem}-{chunk:06d}.parquet"
             tasks.append(
                 ChunkTask(
@@ -747,6 +797,7 @@ def prepare_run(
                     output_path=str(target),
                     done=_finished(target, rows),
                     pipeline=pipeline,
+                    duplicates=np.flatnonzero(repeated[index][first : first + rows]).tolist(),
                 )
             )
     return tasks
@@ -941,7 +992,7 @@ def write_task(
         {**metadata, **chunk_metadata(task, chunk)}
     )
     write_embeddings(table, task.output_path)
-    return route_counts(table)
+    return route_counts(table, task.duplicates)
 
 
 def _check_pipeline(pipeline: EmbeddingPipeline, task: ChunkTask, what: str) -> None:

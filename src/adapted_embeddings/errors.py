@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class AdaptedEmbeddingsError(Exception):
     """Base class for every error raised on purpose by this library."""
@@ -16,7 +18,25 @@ class SpaceMismatchError(AdaptedEmbeddingsError, ValueError):
 
 
 class AdapterNotFoundError(AdaptedEmbeddingsError, LookupError):
-    """No adapter in the registry matches the request; the message lists what exists."""
+    """No adapter in the registry matches the request; the message lists what exists.
+
+    Attributes:
+        problem: What was asked for and not found, on one line.
+        available: One line per available adapter (empty when the problem says enough).
+
+    """
+
+    def __init__(self, problem: str, available: Sequence[str] = ()) -> None:
+        """Keep the list apart, so the command line can print each adapter on its own line."""
+        super().__init__(problem, tuple(available))
+        self.problem = problem
+        self.available = tuple(available)
+
+    def __str__(self) -> str:
+        """The problem, then ``Available adapters:`` and one line per adapter."""
+        if not self.available:
+            return self.problem
+        return "\n".join([f"{self.problem} Available adapters:", *self.available])
 
 
 class AdapterLoadError(AdaptedEmbeddingsError, ValueError):

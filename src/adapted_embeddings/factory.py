@@ -29,8 +29,14 @@ from adapted_embeddings.pipeline import (
     Role,
 )
 from adapted_embeddings.provider import OpenAIEmbeddingProvider, redact_url, require_credentials
-from adapted_embeddings.registry import RegistryEntry, find_adapter, newest_adapted
+from adapted_embeddings.registry import (
+    RegistryEntry,
+    find_adapter,
+    newest_adapted,
+    resolve_adapter,
+)
 from adapted_embeddings.settings import AdaptedEmbeddingsSettings, Mode, OnProviderError
+from adapted_embeddings.settings_check import describe_setting
 from adapted_embeddings.spaces import EmbeddingSpace
 
 if TYPE_CHECKING:
@@ -65,7 +71,9 @@ class PipelineOptions(BaseModel):
     )
     flavor: str | None = Field(default=None, description="Adapter flavor, e.g. 'mlp', 'linear'.")
     adapter: Any = Field(
-        default=None, description="An Adapter, or the path of an adapter directory."
+        default=None,
+        description="An Adapter, an adapter directory, or an adapter's name as "
+        "`adapted-embeddings list` shows it.",
     )
     mode: Mode | None = Field(default=None, description="'hybrid', 'local' or 'provider'.")
     query_threshold: float | None = Field(
@@ -166,7 +174,6 @@ class PipelineOptions(BaseModel):
             source=self.source if isinstance(self.source, str | Path) else None,
             target=self.target or self.model,
             flavor=self.flavor,
-            adapter_path=self.adapter if isinstance(self.adapter, str | Path) else None,
         )
         gate = _given(
             mode=self.mode,
@@ -186,7 +193,7 @@ class PipelineOptions(BaseModel):
             timeout=self.timeout,
             max_retries=self.max_retries,
         )
-        return base.model_copy(
+        resolved = base.model_copy(
             update={
                 **top,
                 "source": str(top.get("source", base.source)),
@@ -196,6 +203,10 @@ class PipelineOptions(BaseModel):
                 "learning": base.learning.model_copy(update=learning),
             }
         )
+        if isinstance(self.adapter, str | Path):  # a name or directory, resolved once here
+            where = _adapter_directory(self.adapter, resolved, given_as="keyword adapter")
+            resolved = resolved.model_copy(update={"adapter_path": where})
+        return resolved
 
     def build_pipeline(self) -> EmbeddingPipeline:
         """Resolve the settings and build the pipeline they describe.
@@ -230,7 +241,9 @@ def build_pipeline(
         adapter: An adapter overriding ``settings.adapter_path`` and the registry.
 
     Raises:
-        AdapterNotFoundError: If no adapter fits; the message lists the available ones.
+        AdapterNotFoundError: If no adapter fits, or ``settings.adapter_path`` is neither an
+            adapter directory nor an adapter's name; the message names the variable and
+            lists the available adapters.
         ConfigurationError: If hybrid/provider mode has no credentials or base URL.
 
     """
@@ -239,7 +252,8 @@ def build_pipeline(
     cache = _open_cache(settings) if settings.cache.enabled else None
     pinned = adapter is not None or settings.adapter_path is not None
     if adapter is None and settings.adapter_path is not None:
-        adapter = _load_adapter(str(settings.adapter_path))
+        given_as = describe_setting(type(settings), ("adapter_path",))
+        adapter = _load_adapter(str(_adapter_directory(settings.adapter_path, settings, given_as)))
     if adapter is None and source is None:
         # Look the adapter up before loading any model, so a typo fails fast.
         adapter = _find_adapter(settings, settings.source)
@@ -282,14 +296,25 @@ def _find_adapter(
     return _load_adapter(str(entry.path))
 
 
+def _adapter_directory(
+    name_or_path: str | Path, settings: AdaptedEmbeddingsSettings, given_as: str
+) -> Path:
+    """The directory of an adapter given by directory or by name, learned adapters included."""
+    return resolve_adapter(name_or_path, given_as=given_as, extra_dirs=[_learned_dir(settings)])
+
+
+def _learned_dir(settings: AdaptedEmbeddingsSettings) -> Path:
+    """Where ``adapt()`` saves adapters for these settings."""
+    from adapted_embeddings.learning.adapt import adapted_adapter_dir
+
+    return adapted_adapter_dir(settings.learning, settings.cache.directory)
+
+
 def _newest_adapted(
     settings: AdaptedEmbeddingsSettings, source: EmbeddingSpace, target: EmbeddingSpace
 ) -> Adapter | None:
     """The newest adapter ``adapt()`` saved for (source, target), if any."""
-    from adapted_embeddings.learning.adapt import adapted_adapter_dir
-
-    directory = adapted_adapter_dir(settings.learning, settings.cache.directory)
-    entry = newest_adapted(directory, source=source, target=target)
+    entry = newest_adapted(_learned_dir(settings), source=source, target=target)
     return _load_adapter(str(entry.path)) if entry is not None else None
 
 

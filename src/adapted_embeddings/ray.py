@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapted_embeddings.datasets import (
     OUTPUT_COLUMNS,
-    ROUTES,
+    SUMMARY_COUNTS,
     ChunkTask,
     PipelineIdentity,
     RunMismatchError,
@@ -515,7 +515,7 @@ def embed_tasks(
 
     The tasks come from :func:`adapted_embeddings.datasets.prepare_run`; inputs and output
     must be on storage every node sees. Yields one summary row per file written (its
-    ``rows`` and rows per route) as soon as it is written.
+    ``rows``, rows per route and ``duplicate`` rows) as soon as it is written.
 
     Raises:
         AdaptedEmbeddingsError: The error a worker raised, with its own type and message.
@@ -549,7 +549,7 @@ def embed_tasks(
     )
     try:
         for row in written.iter_rows():
-            yield {"rows": int(row["rows"]), **{r: int(row[r]) for r in ROUTES}}
+            yield {"rows": int(row["rows"]), **{r: int(row[r]) for r in SUMMARY_COUNTS}}
     except Exception as exc:
         raise typed_error(exc) from None
 

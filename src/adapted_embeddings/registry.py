@@ -123,8 +123,43 @@ def find_adapter(
         found = ", ".join(c.name for c in candidates)
         raise AdapterNotFoundError(f"several adapters match ({wanted}): {found}; name one")
     raise AdapterNotFoundError(
-        f"no adapter matches ({wanted or 'nothing requested'}). Available adapters:\n"
-        + describe_available(extra_dirs=extra_dirs)
+        f"no adapter matches ({wanted or 'nothing requested'}).",
+        describe_available(extra_dirs=extra_dirs),
+    )
+
+
+def resolve_adapter(
+    name_or_path: str | Path, *, given_as: str, extra_dirs: Iterable[str | Path] = ()
+) -> Path:
+    """The directory of an adapter given by directory or by name (as ``list`` shows it).
+
+    Every way of naming an adapter (the ``adapter=`` keyword, the ``adapter_path``
+    setting, the command line's ``--adapter`` and ``info ADAPTER``) goes through here, so
+    each accepts both. An existing directory wins over a name; loading it then reports
+    anything wrong inside it.
+
+    Args:
+        name_or_path: An adapter directory, or an available adapter's name.
+        given_as: Where the value was given, for the message, e.g. ``"adapter="``,
+            ``"--adapter"`` or ``"environment variable ADAPTED_EMBEDDINGS_ADAPTER_PATH"``.
+        extra_dirs: Directories searched for names before the built-in adapters.
+
+    Raises:
+        AdapterNotFoundError: If it is neither; the message names ``given_as`` and the
+            value, and lists the available adapters.
+
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    for entry in list_adapters(extra_dirs=extra_dirs):
+        if entry.name == name:
+            return entry.path
+    raise AdapterNotFoundError(
+        f"{given_as} is {name!r}, which is neither an adapter directory nor the name of an "
+        "available adapter.",
+        describe_available(extra_dirs=extra_dirs),
     )
 
 
@@ -142,13 +177,13 @@ def newest_adapted(
     return max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
 
 
-def describe_available(*, extra_dirs: Iterable[str | Path] = ()) -> str:
-    """One line per available adapter: name, flavor, source -> target."""
+def describe_available(*, extra_dirs: Iterable[str | Path] = ()) -> list[str]:
+    """One indented line per available adapter: name, flavor, source -> target."""
     lines = [
         f"  {e.name} [{e.manifest.flavor}]: {e.manifest.source.id} -> {e.manifest.target.id}"
         for e in list_adapters(extra_dirs=extra_dirs)
     ]
-    return "\n".join(lines) if lines else "  (none installed)"
+    return lines or ["  (none installed)"]
 
 
 def _scan(directory: Path, *, builtin: bool) -> list[RegistryEntry]:

@@ -195,7 +195,9 @@ class AdaptedEmbeddingsSettings(BaseSettings):
     )
     flavor: str | None = Field(default=None, description="Adapter flavor; None picks the best.")
     adapter_path: Path | None = Field(
-        default=None, description="Load this adapter directory instead of a registry one."
+        default=None,
+        description="Use this adapter instead of a lookup by source and target: an adapter "
+        "directory, or an adapter's name as `adapted-embeddings list` shows it.",
     )
     device: str = Field(default="cpu", description="Torch device for the local model.")
     batch_size: int = Field(default=64, ge=1, description="Local encoder batch size.")

@@ -9,21 +9,29 @@ import typer
 
 from adapted_embeddings.cli.app import app, handle_errors
 from adapted_embeddings.cli.output import format_table, print_json, printable
-from adapted_embeddings.registry import RegistryEntry, find_adapter, list_adapters
+from adapted_embeddings.registry import RegistryEntry, list_adapters, resolve_adapter
 
 
-def adapter_location(name_or_path: str) -> Path:
-    """The directory of an adapter given by registry name or by path.
+def adapter_location(name_or_path: str, given_as: str = "--adapter") -> Path:
+    """The directory of an adapter given by name (as ``list`` shows it) or by directory.
+
+    The library's resolver, searching the adapters ``adapt()`` learned too, as ``list`` does.
 
     Raises:
-        AdapterNotFoundError: If it is neither a directory nor a registered name; the
-            message lists the available adapters.
+        AdapterNotFoundError: If it is neither a directory nor an available adapter's name;
+            the message names ``given_as`` and lists the available adapters.
 
     """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    return find_adapter(name=name_or_path).path
+    return resolve_adapter(name_or_path, given_as=given_as, extra_dirs=[_learned_adapters()])
+
+
+def _learned_adapters() -> Path:
+    """Where ``adapt()`` saves the adapters it learns (the settings, else beside the cache)."""
+    from adapted_embeddings.learning.adapt import adapted_adapter_dir
+    from adapted_embeddings.settings import load_settings
+
+    settings = load_settings()
+    return adapted_adapter_dir(settings.learning, settings.cache.directory)
 
 
 def _summary(entry: RegistryEntry) -> dict[str, Any]:
@@ -58,12 +66,9 @@ def list_command(
     Adapters ``adapt()`` learned from your data (in the adapter directory beside the cache)
     are listed first.
     """
-    from adapted_embeddings.learning.adapt import adapted_adapter_dir
-    from adapted_embeddings.settings import load_settings
-
-    settings = load_settings()
-    learned = adapted_adapter_dir(settings.learning, settings.cache.directory)
-    entries = list_adapters(source=source, target=target, flavor=flavor, extra_dirs=[learned])
+    entries = list_adapters(
+        source=source, target=target, flavor=flavor, extra_dirs=[_learned_adapters()]
+    )
     if as_json:
         print_json([_summary(e) for e in entries])
         return
@@ -96,7 +101,7 @@ def info_command(
     """Summarise an adapter: spaces, size, threshold, validation quality, where it lives."""
     from adapted_embeddings.adapter import Adapter
 
-    loaded = Adapter.load(adapter_location(adapter))
+    loaded = Adapter.load(adapter_location(adapter, given_as="ADAPTER"))
     if as_json:
         info = loaded.manifest.model_dump(mode="json")
         info["path"] = str(loaded.path)

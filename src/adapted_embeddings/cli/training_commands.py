@@ -95,7 +95,7 @@ def _space(value: str) -> EmbeddingSpace:
 def _load(adapter: str) -> Adapter:
     from adapted_embeddings.adapter import Adapter
 
-    return Adapter.load(adapter_location(adapter))
+    return Adapter.load(adapter_location(adapter, given_as="ADAPTER"))
 
 
 def _check_source(adapter: Adapter, pairs: ParallelFile) -> None:
