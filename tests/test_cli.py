@@ -129,6 +129,11 @@ def test_paths_survives_a_bad_setting(runner: CliRunner, monkeypatch: pytest.Mon
             "/tmp/x",
             ["ADAPTED_EMBEDDINGS_CACHE__DIR", "did you mean ADAPTED_EMBEDDINGS_CACHE__DIRECTORY?"],
         ),
+        (  # a setting's name without its group: pydantic-settings would ignore it
+            "ADAPTED_EMBEDDINGS_MODE",
+            "hybird",
+            ["ADAPTED_EMBEDDINGS_MODE", "did you mean ADAPTED_EMBEDDINGS_GATE__MODE?"],
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_the_variable_exit_2(
@@ -216,15 +221,60 @@ def test_info_is_a_summary_and_json_is_the_manifest(
     assert by_path["weights_sha256"] == by_name["weights_sha256"]
 
 
-def test_unknown_adapter_lists_the_available_ones(
-    runner: CliRunner, ada_adapter: RegistryEntry
-) -> None:
-    result = invoke(runner, ["info", "no-such-adapter"])
-    assert_one_line_error(result, 2, "no-such-adapter", "Available adapters", ada_adapter.name)
+def assert_adapters_listed(result: Result, *fragments: str) -> list[str]:
+    """An unknown adapter: exit 2, an ``Error:`` line, then one real line per adapter."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    first, *adapters = result.stderr.splitlines()
+    assert first.startswith("Error: ") and first.endswith(" Available adapters:"), first
+    for fragment in fragments:
+        assert fragment in first, first
+    assert "\\n" not in result.stderr and "Traceback" not in result.stderr
+    assert adapters and all(line.startswith("  ") and " -> " in line for line in adapters)
+    names = [line.split()[0] for line in adapters]
+    assert set(names) >= {e.name for e in list_adapters()}
+    return adapters
+
+
+def test_unknown_adapter_lists_the_available_ones_one_per_line(runner: CliRunner) -> None:
+    info = invoke(runner, ["info", "no-such-adapter"])
+    assert_adapters_listed(info, "ADAPTER is 'no-such-adapter'", "neither an adapter directory")
     embed = invoke(runner, ["embed", "--mode", "local", "--target", "nope", "--text", "x"])
-    assert_one_line_error(embed, 2, "Available adapters", ada_adapter.name)
+    assert_adapters_listed(embed, "no adapter matches", "target=nope")
     by_option = invoke(runner, ["embed", "--mode", "local", "--adapter", "nope", "--text", "x"])
-    assert_one_line_error(by_option, 2, "Available adapters")
+    assert_adapters_listed(by_option, "--adapter is 'nope'")
+
+
+def test_a_user_adapter_name_cannot_forge_a_line_of_the_list(
+    runner: CliRunner, ada_adapter: RegistryEntry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = json.loads((ada_adapter.path / "adapter.json").read_text())
+    manifest["name"] = "evil\nError: forged\x1b[2J"
+    user_dir = tmp_path / "user-adapters"
+    (user_dir / "evil").mkdir(parents=True)
+    (user_dir / "evil" / "adapter.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_DIRS", str(user_dir))
+    result = invoke(runner, ["info", "nope"])
+    assert "evil\\nError: forged\\x1b[2J [mlp]" in result.stderr
+    assert "\x1b" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("Error:")] == [
+        result.stderr.splitlines()[0]
+    ]
+
+
+def test_an_adapter_setting_takes_a_name_or_a_directory_and_refuses_neither_exit_2(
+    runner: CliRunner, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linear = find_adapter(name="minilm-l6-to-ada-002-linear")
+    for value in (linear.name, str(linear.path)):
+        monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_PATH", value)
+        result = invoke(runner, ["embed", "-m", "local", "-t", "x"])
+        assert result.exit_code == 0, result.stderr
+        assert f"adapter {linear.name} " in result.stdout.splitlines()[0]
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_PATH", "/nowhere")
+    result = invoke(runner, ["embed", "-m", "local", "-t", "x"])
+    assert_adapters_listed(
+        result, "environment variable ADAPTED_EMBEDDINGS_ADAPTER_PATH is '/nowhere'"
+    )
 
 
 def test_corrupt_adapter_is_a_runtime_failure(
@@ -309,6 +359,23 @@ def test_no_quality_leaves_confidence_out(runner: CliRunner, cache_dir: Path) ->
     table = invoke(runner, ["embed", "-m", "local", "--no-quality", "-t", "y"])
     row = table.stdout.splitlines()[2]
     assert row.split()[:2] == ["1", "local"] and row.split()[2].startswith("[")
+
+
+def test_a_cache_directory_error_names_the_commands_flags_not_keywords(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "not-a-directory"
+    a_file.write_text("")
+    embed = invoke(runner, ["embed", "-m", "local", "--cache-dir", str(a_file), "-t", "x"])
+    stats = invoke(runner, ["cache", "stats", "--cache-dir", str(a_file)])
+    for result in (embed, stats):
+        assert_one_line_error(result, 2, str(a_file), "is a file", "--cache-dir DIR")
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY" in result.stderr
+        assert "cache_dir=" not in result.stderr and "cache=False" not in result.stderr
+        assert "OPENAI_API_KEY" not in result.stderr  # the missing-key hint is unrelated
+    assert "--no-cache" in embed.stderr
+    assert "--no-cache" not in stats.stderr  # `cache stats` has no such flag
 
 
 def test_embed_reads_stdin_lines_skipping_blank_ones(runner: CliRunner, cache_dir: Path) -> None:
@@ -480,9 +547,9 @@ def test_entry_point_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
     assert ok.returncode == 0 and __version__ in ok.stdout
     unknown = subprocess.run([*command, "info", "nope"], capture_output=True, text=True, env=env)
     assert unknown.returncode == 2
-    assert (
-        unknown.stderr.startswith("Error: no adapter matches") and "Traceback" not in unknown.stderr
-    )
+    assert unknown.stderr.startswith("Error: ADAPTER is 'nope'")
+    assert "Traceback" not in unknown.stderr
+    assert len(unknown.stderr.splitlines()) == 1 + len(list_adapters())  # one per adapter
     usage = subprocess.run([*command, "embed", "--bogus"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "No such option" in usage.stderr
 

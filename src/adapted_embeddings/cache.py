@@ -35,7 +35,8 @@ from typing import Literal, TypeVar
 import diskcache
 import numpy as np
 
-from adapted_embeddings.errors import ConfigurationError
+from adapted_embeddings.errors import CacheDirectoryError
+from adapted_embeddings.settings_check import variable_name
 from adapted_embeddings.spaces import EmbeddingSpace
 from adapted_embeddings.types import Role
 
@@ -110,7 +111,11 @@ def _digest(*parts: str) -> str:
     return digest.hexdigest()
 
 
-_WAYS_OUT = "pass cache_dir= with a directory you own, or cache=False to run without a cache"
+WAYS_OUT = (
+    "pass cache_dir= with a directory you own, or cache=False to run without a cache "
+    f"(settings: {variable_name('cache', 'directory')}, {variable_name('cache', 'enabled')})"
+)
+"""The library's ways out of a :class:`CacheDirectoryError` (the CLI names its own flags)."""
 PRIVATE_SUBDIRECTORY = "adapted-embeddings-private"
 """Used inside an existing cache directory that others can read (see ensure_private_directory)."""
 
@@ -130,31 +135,24 @@ def ensure_private_directory(directory: Path) -> Path:
     * another user's, otherwise: used, with a warning that they can read the embeddings.
 
     Raises:
-        ConfigurationError: If the path is a file, a dangling symlink, cannot be created
-            or written, or is refused as above; the message names the directory and the
-            ways out (``cache_dir=``, ``cache=False``).
+        CacheDirectoryError: If the path is a file, a dangling symlink, cannot be created
+            or written (a read-only or immutable directory, even for root), or is refused as
+            above; the message names the directory and the ways out (:data:`WAYS_OUT`).
 
     """
     directory = directory.expanduser()
     _refuse_non_directory(directory)
-    if not directory.exists():
-        try:
-            directory.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass  # another process made it a moment ago: check it like any existing one
-        except OSError as exc:
-            raise ConfigurationError(
-                f"cannot create the cache directory {directory}: {exc.strerror or exc}; {_WAYS_OUT}"
-            ) from None
-        else:
-            directory.chmod(0o700)  # ours: drop a setgid bit inherited from the parent
-            return _writable(directory)
+    created = not directory.exists() and _make_private(
+        directory, f"cannot create the cache directory {directory}"
+    )
+    if created:
+        return _writable(directory)
     info = directory.stat()
     if info.st_uid != os.getuid():
         if info.st_mode & stat.S_IWOTH:
-            raise ConfigurationError(
+            raise _refused(
                 f"cache directory {directory} is writable by everyone and owned by another "
-                f"user, so anyone could plant cache entries there; {_WAYS_OUT}"
+                "user, so anyone could plant cache entries there"
             )
         if info.st_mode & 0o077:
             logger.warning(
@@ -166,45 +164,66 @@ def ensure_private_directory(directory: Path) -> Path:
     if info.st_mode & 0o077:
         private = directory / PRIVATE_SUBDIRECTORY
         _refuse_non_directory(private)
-        if not private.exists():
+        mode = stat.S_IMODE(info.st_mode)
+        failure = (
+            f"cache directory {directory} is open to others (mode {mode:o}) and its private "
+            f"subdirectory {private} cannot be created"
+        )
+        if not private.exists() and _make_private(private, failure):
             logger.warning(
                 "cache directory %s is open to others (mode %o); keeping the cache in its "
                 "private subdirectory %s instead (its mode is left as it is)",
                 directory,
-                stat.S_IMODE(info.st_mode),
+                mode,
                 private,
             )
-            with contextlib.suppress(FileExistsError):
-                private.mkdir(mode=0o700)
-                private.chmod(0o700)
         if stat.S_IMODE(private.stat().st_mode) & 0o077 or private.stat().st_uid != os.getuid():
-            raise ConfigurationError(
-                f"cache directory {private} is open to others or not yours; {_WAYS_OUT}"
-            )
+            raise _refused(f"cache directory {private} is open to others or not yours")
         return _writable(private)
     return _writable(directory)
+
+
+def _make_private(directory: Path, failure: str) -> bool:
+    """Create ``directory`` (and its parents) with mode 0700; False if another process did.
+
+    Raises:
+        CacheDirectoryError: ``failure`` and the system's reason, if it cannot be created
+            (say its parent is read-only, or immutable, which stops root too).
+
+    """
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+        directory.chmod(0o700)  # ours: drop a setgid bit inherited from the parent
+    except FileExistsError:
+        return False  # another process made it a moment ago: check it like any existing one
+    except OSError as exc:
+        raise _refused(f"{failure}: {exc.strerror or exc}") from None
+    return True
+
+
+def _refused(problem: str) -> CacheDirectoryError:
+    return CacheDirectoryError(problem, WAYS_OUT)
 
 
 def _refuse_non_directory(path: Path) -> None:
     """Raise if ``path`` is a file, a dangling symlink, or anything else but a directory."""
     if path.is_symlink() and not path.exists():
-        raise ConfigurationError(
+        raise _refused(
             f"cache directory {path} is a symlink to {os.readlink(path)}, which does not "
-            f"exist: not a directory; {_WAYS_OUT}"
+            "exist: not a directory"
         )
     if path.exists() and not path.is_dir():
-        raise ConfigurationError(f"cache directory {path} is a file, not a directory; {_WAYS_OUT}")
+        raise _refused(f"cache directory {path} is a file, not a directory")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
-            raise ConfigurationError(
-                f"cache directory {path} cannot exist: {parent} is a file, not a directory; "
-                f"{_WAYS_OUT}"
+            raise _refused(
+                f"cache directory {path} cannot exist: {parent} is a file, not a directory"
             )
 
 
 def _writable(directory: Path) -> Path:
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigurationError(f"cache directory {directory} is not writable; {_WAYS_OUT}")
+        raise _refused(f"cache directory {directory} is not writable")
     return directory
 
 
@@ -248,7 +267,7 @@ class EmbeddingCache:
         past it the write is skipped with a warning (results are still returned).
 
         Raises:
-            ConfigurationError: If the directory cannot hold a private cache (see
+            CacheDirectoryError: If the directory cannot hold a private cache (see
                 :func:`ensure_private_directory`) or its database cannot be opened.
 
         """
@@ -284,9 +303,7 @@ class EmbeddingCache:
                     self._move_aside(problem)
                 return connect()
         except (sqlite3.Error, OSError) as exc:
-            raise ConfigurationError(
-                f"cannot open the cache in {self.directory}: {exc}; {_WAYS_OUT}"
-            ) from None
+            raise _refused(f"cannot open the cache in {self.directory}: {exc}") from None
 
     def _run(self, operation: Callable[[], T]) -> T:
         """Run a storage operation; on a damaged database, recover and retry it once."""

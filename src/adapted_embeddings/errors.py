@@ -13,6 +13,29 @@ class ConfigurationError(AdaptedEmbeddingsError, ValueError):
     """The combination of settings cannot work (e.g. hybrid mode without credentials)."""
 
 
+class CacheDirectoryError(ConfigurationError):
+    """The cache directory cannot hold a private cache (a file, not writable, another's...).
+
+    ``str()`` is the problem followed by the library's ways out (keywords and variable);
+    the command line reports :attr:`problem` followed by its own flags instead.
+
+    Attributes:
+        problem: What is wrong, naming the directory; no way out.
+        ways_out: What the caller can do instead, in the caller's terms.
+
+    """
+
+    def __init__(self, problem: str, ways_out: str) -> None:
+        """Keep the problem and the ways out apart, so a caller can name its own."""
+        super().__init__(problem, ways_out)
+        self.problem = problem
+        self.ways_out = ways_out
+
+    def __str__(self) -> str:
+        """The problem, then the ways out."""
+        return f"{self.problem}; {self.ways_out}"
+
+
 class SpaceMismatchError(AdaptedEmbeddingsError, ValueError):
     """A vector, adapter or index of one embedding space was used with another."""
 

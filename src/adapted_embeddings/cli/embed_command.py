@@ -21,7 +21,7 @@ from adapted_embeddings.cli.output import (
 )
 from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.io import check_texts, read_text_lines, read_text_records
-from adapted_embeddings.settings import load_settings
+from adapted_embeddings.settings import AdaptedEmbeddingsSettings, load_settings
 
 CHUNK = 256
 """Texts per pipeline call: output streams, and memory stays flat on long inputs."""
@@ -46,6 +46,24 @@ CLI_HINT = (
     " On the command line: --mode local to stay offline, --base-url URL for an "
     "OpenAI-compatible server, or export OPENAI_API_KEY."
 )
+"""Appended to the library's missing-credentials message, which names keywords."""
+
+
+def require_cli_credentials(settings: AdaptedEmbeddingsSettings) -> None:
+    """Raise unless the mode in force can reach the provider, naming the CLI's ways out.
+
+    Raises:
+        ConfigurationError: The library's message followed by :data:`CLI_HINT`.
+
+    """
+    from adapted_embeddings.provider import require_credentials
+
+    if settings.gate.mode == "local":
+        return
+    try:
+        require_credentials(settings.provider)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc}.{CLI_HINT}") from None
 
 
 @app.command("embed")
@@ -161,10 +179,10 @@ def embed_command(
         cache=None if cache else False,
         cache_dir=cache_dir,
     )
-    try:
-        pipeline = options.build_pipeline()
-    except ConfigurationError as exc:
-        raise ConfigurationError(str(exc) + "." + CLI_HINT) from exc
+    # Only a missing key gets the hint: other errors (a cache directory, an adapter) name
+    # their own way out.
+    require_cli_credentials(options.resolved_settings())
+    pipeline = options.build_pipeline()
     if not ndjson:
         adapter_name = pipeline.adapter.name if pipeline.adapter is not None else "none"
         typer.echo(
