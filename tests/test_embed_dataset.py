@@ -296,6 +296,30 @@ def test_repeated_texts_of_a_fresh_run_are_counted_as_duplicates_not_cache(
     assert "0 local, 0 provider, 21 cache, 0 local_degraded, 7 duplicate" in result.stdout
 
 
+def test_threads_sets_the_torch_threads_of_the_local_engine(tmp_path: Path) -> None:
+    """--threads N runs the model on N torch threads; the default is the cores this process
+    may use, set deliberately whatever torch had before. The summary says which."""
+    import torch
+
+    from adapted_embeddings.datasets import available_cores
+
+    before = torch.get_num_threads()
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts(8)])
+    try:
+        result = embed(source, tmp_path / "one", "--no-cache", "--no-progress", "--threads", "1")
+        assert result.exit_code == 0, result.stderr
+        assert torch.get_num_threads() == 1
+        assert result.stdout.rstrip().endswith("· engine local, 1 model thread")
+
+        torch.set_num_threads(3)
+        result = embed(source, tmp_path / "two", "--no-cache", "--no-progress")
+        assert result.exit_code == 0, result.stderr
+        assert torch.get_num_threads() == available_cores()
+        assert f"engine local, {available_cores()} model thread" in result.stdout
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unreachable_ray_address_is_one_line(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])

@@ -194,9 +194,11 @@ def test_ray_engine_resumes_a_run(tmp_path: Path) -> None:
         del kept[lost.name]
     (out / ".incomplete-deadbeef-0000-in-000003.parquet").write_bytes(b"half a file")
 
-    result = CliRunner().invoke(app, [*arguments, "--engine", "ray", "--actors", "2"])
+    ray_arguments = ["--engine", "ray", "--actors", "2", "--threads", "1"]
+    result = CliRunner().invoke(app, [*arguments, *ray_arguments])
     assert result.exit_code == 0, result.stderr
     assert "20 texts embedded into 2 files" in result.stdout
+    assert result.stdout.rstrip().endswith("· engine ray, 2 actors × 1 model thread each")
     assert "80 texts in 8 files were already done (skipped)" in result.stdout
     assert {f.name: f.stat().st_mtime_ns for f in output_files(out) if f.name in kept} == kept
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -279,6 +280,35 @@ def embed_table(
         pipeline.space,
         metadata={**PipelineIdentity.of(pipeline).metadata(), **(metadata or {})},
     )
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def set_model_threads(threads: int) -> None:
+    """Run the local model's torch operations on ``threads`` intra-op threads in this process.
+
+    Torch otherwise takes a thread per physical core, whatever else runs: with several
+    processes on the same cores (Ray actors, or other work on a shared machine) the threads
+    of each wait on one another, and the bulk engines set the count deliberately instead.
+    A source model that does not run on torch is not affected.
+
+    Raises:
+        ConfigurationError: If ``threads`` is below 1.
+
+    """
+    if threads < 1:
+        raise ConfigurationError(f"model threads must be at least 1, got {threads}")
+    if importlib.util.find_spec("torch") is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def release_freed_memory() -> None:

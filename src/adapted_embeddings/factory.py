@@ -22,6 +22,7 @@ from adapted_embeddings.errors import AdapterNotFoundError, ConfigurationError
 from adapted_embeddings.learning.audit import QualityReport
 from adapted_embeddings.learning.learner import DomainLearner
 from adapted_embeddings.learning.pairs import PairStore
+from adapted_embeddings.onnx_encoder import Backend
 from adapted_embeddings.pipeline import (
     EmbeddingPipeline,
     EmbeddingResult,
@@ -353,7 +354,8 @@ def _encoder(
         # model the library knows by name does not need it (and is then shared by every
         # pipeline whatever its adapter).
         expected = None if known_space(source) or adapter is None else adapter.source.id
-        return _shared_encoder(str(source), settings.device, settings.batch_size, expected)
+        backend = settings.encoder.backend
+        return _shared_encoder(str(source), settings.device, settings.batch_size, expected, backend)
     return build_encoder(source, device=settings.device, batch_size=settings.batch_size)
 
 
@@ -364,17 +366,23 @@ _shared_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=8)
 def _cached_encoder(
-    source: str, device: str, batch_size: int, expected_space: str | None
+    source: str, device: str, batch_size: int, expected_space: str | None, backend: Backend
 ) -> SourceEncoder:
     expected = EmbeddingSpace.parse(expected_space) if expected_space else None
-    return build_encoder(source, device=device, batch_size=batch_size, expected_space=expected)
+    return build_encoder(
+        source, device=device, batch_size=batch_size, expected_space=expected, backend=backend
+    )
 
 
 def _shared_encoder(
-    source: str, device: str, batch_size: int, expected_space: str | None = None
+    source: str,
+    device: str,
+    batch_size: int,
+    expected_space: str | None = None,
+    backend: Backend = "auto",
 ) -> SourceEncoder:
     with _shared_lock:
-        return _cached_encoder(source, device, batch_size, expected_space)
+        return _cached_encoder(source, device, batch_size, expected_space, backend)
 
 
 @functools.lru_cache(maxsize=16)

@@ -44,6 +44,7 @@ from adapted_embeddings.datasets import (
     embed_table,
     read_task_chunk,
     require_pyarrow,
+    set_model_threads,
     text_values,
     write_task,
 )
@@ -292,14 +293,11 @@ class _PipelineWorker:
         keywords: dict[str, Any],
         identity: PipelineIdentity,
         limiter: str | None,
-        threads: int | None,
+        threads: int,
         text_column: str,
         role: Role,
     ) -> None:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        set_model_threads(threads)
         from adapted_embeddings.factory import PipelineOptions
 
         with _tagged_errors():
@@ -336,7 +334,7 @@ class EmbedChunkFiles(_PipelineWorker):
         keywords: dict[str, Any],
         identity: PipelineIdentity,
         limiter: str | None,
-        threads: int | None,
+        threads: int,
         text_column: str,
         role: Role,
         rows_per_file: int,
@@ -443,6 +441,7 @@ def embed_dataset(
     batch_size: int = 256,
     concurrency: int = 1,
     num_cpus: float = 1.0,
+    threads: int | None = None,
     provider_concurrency: int | None = None,
     provider_tokens_per_minute: int | None = None,
     **keywords: Any,
@@ -455,7 +454,9 @@ def embed_dataset(
         role: ``document`` or ``query``.
         batch_size: Rows per ``map_batches`` call (one pipeline call).
         concurrency: Actors, each with its own pipeline (model loaded once per actor).
-        num_cpus: CPUs each actor reserves; the model runs with that many threads.
+        num_cpus: CPUs each actor reserves.
+        threads: Torch intra-op threads of each actor's model; default ``num_cpus``
+            (rounded, at least 1), so actors on the same cores do not oversubscribe them.
         provider_concurrency: Provider requests in flight at once across all actors;
             default the provider's ``max_concurrent_requests``.
         provider_tokens_per_minute: Tokens per minute across all actors; default no limit.
@@ -478,8 +479,8 @@ def embed_dataset(
 
     """
     require_ray()
-    if batch_size < 1 or concurrency < 1 or num_cpus <= 0:
-        raise ConfigurationError("batch_size and concurrency must be >= 1, num_cpus > 0")
+    if batch_size < 1 or concurrency < 1 or num_cpus <= 0 or (threads or 1) < 1:
+        raise ConfigurationError("batch_size, concurrency and threads must be >= 1, num_cpus > 0")
     worker_keywords, settings, identity = _resolve_keywords(keywords)
     schema = ds.schema()
     if schema is not None:
@@ -491,7 +492,7 @@ def embed_dataset(
     return _map(
         ds,
         EmbedBatches,
-        (worker_keywords, identity, limiter, _threads(num_cpus), text_column, role),
+        (worker_keywords, identity, limiter, actor_threads(num_cpus, threads), text_column, role),
         batch_size=batch_size,
         concurrency=concurrency,
         num_cpus=num_cpus,
@@ -508,14 +509,16 @@ def embed_tasks(
     batch_size: int = 256,
     concurrency: int = 1,
     num_cpus: float = 1.0,
+    threads: int | None = None,
     provider_concurrency: int | None = None,
     provider_tokens_per_minute: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The Ray engine of ``embed-dataset``: each actor reads, embeds and writes whole chunks.
 
     The tasks come from :func:`adapted_embeddings.datasets.prepare_run`; inputs and output
-    must be on storage every node sees. Yields one summary row per file written (its
-    ``rows``, rows per route and ``duplicate`` rows) as soon as it is written.
+    must be on storage every node sees. Each actor's model runs on ``threads`` torch
+    threads (default ``num_cpus``, rounded, at least 1). Yields one summary row per file
+    written (its ``rows``, rows per route and ``duplicate`` rows) as soon as it is written.
 
     Raises:
         AdaptedEmbeddingsError: The error a worker raised, with its own type and message.
@@ -537,7 +540,7 @@ def embed_tasks(
             worker_keywords,
             identity,
             limiter,
-            _threads(num_cpus),
+            actor_threads(num_cpus, threads),
             text_column,
             role,
             rows_per_file,
@@ -620,8 +623,9 @@ def _map(
     )
 
 
-def _threads(num_cpus: float) -> int:
-    return max(1, round(num_cpus))
+def actor_threads(num_cpus: float, threads: int | None = None) -> int:
+    """The model threads of an actor reserving ``num_cpus``: ``threads``, else ``num_cpus``."""
+    return threads or max(1, round(num_cpus))
 
 
 def _missing_column(column: str, columns: list[str]) -> AdaptedEmbeddingsError:
@@ -637,6 +641,7 @@ __all__ = [
     "OUTPUT_COLUMNS",
     "ProviderRateLimiter",
     "RayRequestLimiter",
+    "actor_threads",
     "connect",
     "embed_dataset",
     "embed_tasks",

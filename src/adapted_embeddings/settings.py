@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from adapted_embeddings.errors import ConfigurationError
+from adapted_embeddings.onnx_encoder import Backend
 
 Mode = Literal["hybrid", "local", "provider"]
 OnProviderError = Literal["raise", "local"]
@@ -65,6 +66,19 @@ class GateSettings(BaseModel):
         default="raise",
         description="After retries fail: 'raise' a ProviderError, or 'local' to return the "
         "adapter's vectors with route 'local_degraded' and log a warning.",
+    )
+
+
+class EncoderSettings(BaseModel):
+    """How the local source model runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Backend = Field(
+        default="auto",
+        description="'torch'; 'onnx': ONNX Runtime on the CPU, the same vectors about twice as "
+        "fast (graph exported once from the local weights and cached); 'auto': 'onnx' when "
+        "onnxruntime is installed and the model supports it, else 'torch'.",
     )
 
 
@@ -201,6 +215,7 @@ class AdaptedEmbeddingsSettings(BaseSettings):
     )
     device: str = Field(default="cpu", description="Torch device for the local model.")
     batch_size: int = Field(default=64, ge=1, description="Local encoder batch size.")
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     provider: ProviderSettings = Field(default_factory=ProviderSettings)

