@@ -210,12 +210,13 @@ def shell(tmp_path: Path) -> Iterator[Shell]:
 
 
 def block_id(block: ReadmeOutput) -> str:
-    """The command, or a console block's first command (past any ``export``), cut short."""
+    """The command; for a console block, the first two words of each command (exports aside)."""
     if block.what != "console":
         return block.what[:60]
-    steps = console_steps(block.text)
-    first = next(step for step in steps if not step.command.startswith("export "))
-    return "console: " + first.command.split("\n")[0][:50]
+    commands = [step.command for step in console_steps(block.text)]
+    return "console: " + "; ".join(
+        " ".join(command.split()[:2]) for command in commands if not command.startswith("export ")
+    )
 
 
 @pytest.mark.slow
