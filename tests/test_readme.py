@@ -349,6 +349,61 @@ BENCHMARK_QUOTES = [
         "{rows[1][p50_ms]:.2f} / {rows[1][p99_ms]:.2f} |",
     ),
     (
+        "adapter_quality.json",
+        "Native ada-002 P@10 is {systems[native ada-002][routed][0%][category_p@10]}.",
+    ),
+    (
+        "bulk_embedding.json",
+        "| in-process pipeline, `embed` in batches of 256 (2 threads) | "
+        "{summary[in_process][texts_per_s]:.1f} | {summary[in_process][texts_per_s]:.1f} | "
+        "{summary[in_process][rss_second_half_median_mb]:,.0f} MB | "
+        "{summary[in_process][worker_peak_rss_mb]:,.0f} MB |",
+    ),
+    (
+        "bulk_embedding.json",
+        "| `embed-dataset --engine local` (reads and writes Parquet, 5,000 rows a file) | "
+        "{summary[cli_local][texts_per_s]:.1f} | {summary[cli_local][texts_per_s]:.1f} | "
+        "{summary[cli_local][rss_second_half_median_mb]:,.0f} MB | "
+        "{summary[cli_local][worker_peak_rss_mb]:,.0f} MB |",
+    ),
+    (
+        "bulk_embedding.json",
+        "| RSS held (median, second half) | "
+        "{summary[cli_local_memory_by_corpus_size][0][rss_second_half_median_mb]:,.0f} MB | "
+        "{summary[cli_local_memory_by_corpus_size][1][rss_second_half_median_mb]:,.0f} MB | "
+        "{summary[cli_local_memory_by_corpus_size][2][rss_second_half_median_mb]:,.0f} MB |",
+    ),
+    (
+        "bulk_embedding.json",
+        "| peak RSS | {summary[cli_local_memory_by_corpus_size][0][worker_peak_rss_mb]:,.0f} MB | "
+        "{summary[cli_local_memory_by_corpus_size][1][worker_peak_rss_mb]:,.0f} MB | "
+        "{summary[cli_local_memory_by_corpus_size][2][worker_peak_rss_mb]:,.0f} MB |",
+    ),
+    (
+        "pgvector_search.json",
+        "| pgvector HNSW, ef_search 40 | **{search[pgvector HNSW, ef_search 40][p50_ms]:.2f}** | "
+        "{search[pgvector HNSW, ef_search 40][p99_ms]:.2f} | "
+        "{search[pgvector HNSW, ef_search 40][recall@10]:.3f} |",
+    ),
+    (
+        "domain_adaptation.json",
+        "| {scenarios[1][pairs]} | {scenarios[1][before][routed]:.0%} → "
+        "**{scenarios[1][after][routed]:.0%}** | {scenarios[1][before][r@10]:.3f} → "
+        "{scenarios[1][after][r@10]:.3f} |",
+    ),
+    (
+        "domain_adaptation.json",
+        "| {scenarios[2][pairs]} | {scenarios[2][before][routed]:.0%} (guard) → "
+        "**{scenarios[2][after][routed]:.0%}** | {scenarios[2][before][r@10]:.3f} → "
+        "{scenarios[2][after][r@10]:.3f} | {scenarios[2][before][p@10_ratio]:.0%} → "
+        "**{scenarios[2][after][p@10_ratio]:.1%}** |",
+    ),
+    (
+        "domain_adaptation.json",
+        "**{adapt_speed[warm_start_seconds]} s** warm start, "
+        "**{adapt_speed[cold_start_seconds]} s** cold start",
+    ),
+    (
         "singleflight_race.json",
         "**{summary[runs_with_a_text_paid_twice]} of {summary[runs]} runs paid for any text "
         "twice** ({summary[calls_per_run]} calls per run)",
