@@ -242,6 +242,60 @@ def test_actors_embed_with_the_adapter_the_driver_resolved(tmp_path: Path) -> No
     assert len(output_files(out)) == 3
 
 
+def test_sigterm_shuts_the_local_instance_down_quietly_and_the_run_resumes(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to ``embed-dataset --engine ray`` used to abort the driver with C++ stack
+    lines; now it stops the Ray instance it started (no process of it left), says so in one
+    line and exits 143, and the same command then resumes. A normal run prints neither
+    Ray's token-authentication warning nor Ray Data's note that its progress bars are off."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts(600))),
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "adapted_embeddings.cli", "embed-dataset", str(source)]
+    command += ["-o", str(out), "--mode", "local", "--no-cache", "--no-progress"]
+    command += ["--engine", "ray", "--rows-per-file", "20"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and output_files(out):
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    started = psutil.Process(process.pid).children(recursive=True)
+    assert any("raylet" in p.name() for p in started), [p.name() for p in started]
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    lines = stderr.decode().strip().splitlines()
+    assert lines[-1] == (
+        "Error: interrupted by SIGTERM; the files already written are kept: run the same "
+        "command again to resume"
+    )
+    for noise in ("SIGTERM received", "Aborted", "Token authentication", "Progress bars"):
+        assert not [line for line in lines if noise in line], stderr.decode()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "files were already done (skipped)" in resumed.stdout
+    table = read_embeddings(out, expected_space=OPENAI_ADA_002)
+    assert table.column("id").to_pylist() == list(range(600))
+
+
 def test_token_bucket_limits_tokens_per_minute_and_concurrency() -> None:
     async def scenario() -> tuple[float, dict[str, Any]]:
         limiter = ProviderRateLimiter(max_concurrent=1, tokens_per_minute=600, lease_seconds=60)

@@ -74,7 +74,10 @@ def require_ray() -> Any:
 def connect(address: str | None = None, **init_keywords: Any) -> None:
     """Connect to the Ray cluster at ``address``, or start a local instance (None).
 
-    Does nothing if Ray is already initialised in this process.
+    A local instance is started minimal and quiet: no dashboard (``include_dashboard=False``;
+    Ray still starts its per-node agents), driver logs at WARNING, and no warning that
+    token authentication is on (Ray's default for a local instance; it stays on). Does
+    nothing if Ray is already initialised in this process.
 
     Raises:
         ConfigurationError: If ``address`` cannot be reached (one line, naming it).
@@ -85,6 +88,10 @@ def connect(address: str | None = None, **init_keywords: Any) -> None:
         return
     if address not in (None, "auto", "local"):
         _check_reachable(address)
+    if address in (None, "local"):
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
     init_keywords.setdefault("include_dashboard", False)
     init_keywords.setdefault("logging_level", logging.WARNING)
     try:

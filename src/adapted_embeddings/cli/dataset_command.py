@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from enum import Enum
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
 
 from adapted_embeddings.cli.adapter_commands import adapter_location
-from adapted_embeddings.cli.app import app, handle_errors
+from adapted_embeddings.cli.app import app, fail, handle_errors
 from adapted_embeddings.cli.embed_command import CLI_HINT, ModeChoice, RoleChoice
 from adapted_embeddings.errors import ConfigurationError
 
@@ -203,21 +205,28 @@ def embed_dataset_command(
                 on_progress=shown.update,
             )
     else:
-        summary, workers = _run_on_ray(
-            tasks,
-            keywords,
-            text_column=text_column,
-            role=role.value,
-            rows_per_file=rows_per_file,
-            batch_size=batch_size,
-            address=ray_address,
-            actors=actors,
-            cpus_per_actor=cpus_per_actor,
-            threads=threads,
-            provider_concurrency=provider_concurrency,
-            provider_tokens_per_minute=provider_tokens_per_minute,
-            progress_bar=bar,
-        )
+        try:
+            summary, workers = _run_on_ray(
+                tasks,
+                keywords,
+                text_column=text_column,
+                role=role.value,
+                rows_per_file=rows_per_file,
+                batch_size=batch_size,
+                address=ray_address,
+                actors=actors,
+                cpus_per_actor=cpus_per_actor,
+                threads=threads,
+                provider_concurrency=provider_concurrency,
+                provider_tokens_per_minute=provider_tokens_per_minute,
+                progress_bar=bar,
+            )
+        except _Interrupted as interrupted:
+            raise fail(
+                f"interrupted by {interrupted}; the files already written are kept: run the "
+                "same command again to resume",
+                128 + interrupted.signum,
+            ) from None
     seconds = time.perf_counter() - clock["started"]
     routes = ", ".join(f"{count} {route}" for route, count in summary.routes.items())
     rate = f" ({summary.rows / seconds:.0f} texts/s)" if summary.rows and seconds > 0 else ""
@@ -237,6 +246,21 @@ def _threads(count: int) -> str:
     return f"{count} model thread{'s' if count > 1 else ''}"
 
 
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived while Ray ran the tasks (a BaseException, like Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise _Interrupted(signum)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _run_on_ray(
     tasks: Any,
     keywords: dict[str, Any],
@@ -250,6 +274,10 @@ def _run_on_ray(
 ) -> tuple[Any, str]:
     """Run the pending tasks on Ray actors; a Ray instance started here is stopped after.
 
+    SIGINT and SIGTERM raise :class:`_Interrupted` while the tasks run, so the instance is
+    shut down (with them ignored meanwhile: a shutdown cut short would leave its processes
+    behind). Left to Ray, SIGTERM aborted the driver with a C++ stack trace.
+
     Returns:
         The run's summary, and how many actors with how many model threads ran it.
 
@@ -260,6 +288,7 @@ def _run_on_ray(
     ray = require_ray()
     started_here = not ray.is_initialized()
     connect(address, log_to_driver=False)
+    previous = {s: signal.signal(s, _interrupt) for s in _SIGNALS}  # after Ray's own
     try:
         import ray.data
 
@@ -267,6 +296,8 @@ def _run_on_ray(
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # our bar and summary instead
+        # ... and no warning that Ray Data's bars are off: they are meant to be.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         if actors is None:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             actors = max(1, int(cpus // cpus_per_actor))
@@ -288,5 +319,11 @@ def _run_on_ray(
         threads = actor_threads(cpus_per_actor, threads)
         return summary, f"engine ray, {actors} actors × {_threads(threads)} each"
     finally:
-        if started_here:
-            ray.shutdown()
+        for number in _SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        try:
+            if started_here:
+                ray.shutdown()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
