@@ -469,12 +469,15 @@ def embed_dataset(
         provider_tokens_per_minute: Tokens per minute across all actors; default no limit.
         **keywords: The keywords :class:`~adapted_embeddings.langchain.AdaptedEmbeddings`
             takes (``mode``, ``adapter``, ``base_url``, ``cache_dir``, ...). They are
-            resolved here, on the driver, with the driver's environment and ``.env``.
+            resolved here, on the driver, with the driver's environment and ``.env``, and
+            so is the adapter, which every actor then uses (see
+            :func:`~adapted_embeddings.datasets.bulk_pipeline`: automatic ``adapt()`` is off).
 
     Returns:
         A lazy Dataset with ``embedding`` (fixed-width float32 list), ``confidence``
-        (float32, null when not scored) and ``route`` appended, and ``embedding_space`` in
-        the schema metadata of every block (so ``write_parquet`` records it). Row order is
+        (float32, null when not scored) and ``route`` appended, and ``embedding_space`` and
+        the pipeline record (``adapted_embeddings_pipeline``: adapter, mode, thresholds) in
+        the schema metadata of every block (so ``write_parquet`` records them). Row order is
         kept if the dataset's ``DataContext.execution_options.preserve_order`` is set; keep
         an id column otherwise. Errors raised by workers surface when the dataset is
         consumed; :func:`typed_error` turns them back into this library's exceptions.
