@@ -49,7 +49,7 @@ def stdlib_texts() -> list[str]:
                 if len(doc) > 600:
                     whole.add(doc)
     edge = ["", "   ", "x", "naïve café — 東京 🎉", "word " * 600]
-    return sorted(paragraphs)[:220] + sorted(whole)[:80] + edge
+    return sorted(paragraphs)[:230] + sorted(whole)[:65] + edge
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +177,21 @@ def test_a_failed_export_falls_back_to_torch_with_one_warning(
     assert "exporter exploded" in record.message
     np.testing.assert_allclose(first, torch_minilm.encode(["hello", "world"]), atol=1e-6)
     assert not list((tmp_path / "graphs").iterdir())  # the temporary file was removed
+
+
+def test_batches_are_sorted_by_length_and_pad_little() -> None:
+    lengths = np.random.default_rng(0).zipf(1.6, 500).clip(2, 256).tolist()
+    batches = onnx_encoder.length_batches(lengths, 64, max_padding=0.25)
+    assert sorted(i for batch in batches for i in batch) == list(range(500))
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(lengths, reverse=True)
+    for batch in batches:
+        assert len(batch) <= 64
+        real = sum(lengths[i] for i in batch)
+        assert len(batch) == 1 or lengths[batch[0]] * len(batch) <= 1.25 * real
+    padded = sum(lengths[b[0]] * len(b) for b in batches)
+    fixed = sum(max(flat[i : i + 64]) * len(flat[i : i + 64]) for i in range(0, 500, 64))
+    assert padded < fixed
 
 
 def test_the_backend_setting_and_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -157,6 +157,11 @@ class SentenceTransformerEncoder:
         return self._space
 
     @property
+    def model_location(self) -> str:
+        """Where the weights are read from: a local directory, or a hub id."""
+        return self._location
+
+    @property
     def max_seq_length(self) -> int | None:
         """Word pieces the model reads; longer texts are truncated by the model.
 

@@ -52,6 +52,8 @@ EXPORT_FORMAT = "1"
 """Version of the exported graph's layout; part of the cache key, so a change re-exports."""
 
 OPSET = 17
+MAX_PADDING = 0.25
+"""Padding allowed per batch, as a share of its real tokens (see :func:`length_batches`)."""
 _INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 """The graph's inputs, in order; models without token types take the first two."""
 WEIGHTS_FILE = "model.safetensors"
@@ -120,6 +122,26 @@ def embedding_dimension(location: str | Path) -> int:
     """The width of the pooled vectors, read from the pooling configuration."""
     pooling = json.loads((Path(location) / "1_Pooling/config.json").read_text(encoding="utf-8"))
     return int(pooling["word_embedding_dimension"])
+
+
+def graph_path(
+    location: str | Path,
+    key: str,
+    *,
+    name: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Where the graph of the model at ``location`` is cached: ``<name>-<key[:16]>.onnx``.
+
+    Args:
+        location: The model directory.
+        key: Its :func:`graph_key`.
+        name: The model's name (default: the directory's), lower-cased, last part only.
+        cache_dir: Directory of exported graphs (default :func:`default_onnx_dir`).
+
+    """
+    stem = re.sub(r"[^a-z0-9._-]+", "-", Path(name or location).name.lower()).strip(".-")
+    return Path(cache_dir or default_onnx_dir()) / f"{stem or 'model'}-{key[:16]}.onnx"
 
 
 def graph_key(location: str | Path) -> str:
@@ -200,8 +222,7 @@ class OnnxSentenceModel:
 
         directory = Path(location)
         key = graph_key(directory)
-        stem = re.sub(r"[^a-z0-9._-]+", "-", Path(name or directory).name.lower()).strip(".-")
-        path = Path(cache_dir or default_onnx_dir()) / f"{stem or 'model'}-{key[:16]}.onnx"
+        path = graph_path(directory, key, name=name, cache_dir=cache_dir)
         try:
             session = _checked_session(cached_graph(directory, path, key), key, threads)
         except OnnxExportError as exc:
@@ -219,17 +240,17 @@ class OnnxSentenceModel:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts as unit-length float32 vectors, row-aligned with ``texts``.
 
-        Texts are grouped by length so each batch pads little, as sentence-transformers does.
+        Texts are sorted by length and batched so that padding stays small (see
+        :func:`length_batches`); a text's vector does not depend on its batch.
         """
         texts = list(texts)
         vectors = np.zeros((len(texts), self.dimensions), dtype=np.float32)
         if not texts:
             return vectors
         encodings = self._truncating.encode_batch(texts)
-        order = sorted(range(len(texts)), key=lambda i: -len(encodings[i].ids))
+        lengths = [len(encoding.ids) for encoding in encodings]
         with self._lock:
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
+            for rows in length_batches(lengths, self.batch_size):
                 feed = _padded([encodings[i] for i in rows])
                 (pooled,) = self.session.run(None, {name: feed[name] for name in self._inputs})
                 vectors[rows] = pooled
@@ -241,6 +262,35 @@ class OnnxSentenceModel:
         """Untruncated token count of each text, special tokens included."""
         encodings = self._counting.encode_batch(list(texts))
         return np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_padding: float = MAX_PADDING
+) -> list[list[int]]:
+    """Indices of texts grouped longest first, at most ``batch_size`` and little padding a batch.
+
+    A batch is padded to its longest text. Fixed batches of a skewed corpus (a few long
+    texts among many short ones) spend most of their work on padding: three times the real
+    tokens for 300 docstring heads at batch 64. A batch here also ends before its padded
+    size would exceed ``1 + max_padding`` times its real tokens; ONNX Runtime, unlike
+    torch, loses next to nothing to running more, smaller batches.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    real = 0  # the batch's tokens before padding
+    for index in order:
+        padded = lengths[batch[0]] * (len(batch) + 1) if batch else 0
+        if batch and (
+            len(batch) == batch_size or padded > (1 + max_padding) * (real + lengths[index])
+        ):
+            batches.append(batch)
+            batch, real = [], 0
+        batch.append(index)
+        real += lengths[index]
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def _padded(encodings: Sequence[Any]) -> dict[str, np.ndarray]:
