@@ -169,11 +169,13 @@ class OnnxSentenceModel:
         *,
         max_seq_length: int,
         batch_size: int = 64,
+        max_padding: float = MAX_PADDING,
     ) -> None:
         """Wrap a loaded session and tokenizer; :meth:`load` is the usual way in."""
         self.session = session
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
+        self.max_padding = max_padding
         self._inputs = [node.name for node in session.get_inputs()]
         self.dimensions = int(session.get_outputs()[0].shape[-1])
         # A Tokenizer is not documented as thread-safe while its truncation is switched,
@@ -250,7 +252,7 @@ class OnnxSentenceModel:
         encodings = self._truncating.encode_batch(texts)
         lengths = [len(encoding.ids) for encoding in encodings]
         with self._lock:
-            for rows in length_batches(lengths, self.batch_size):
+            for rows in length_batches(lengths, self.batch_size, self.max_padding):
                 feed = _padded([encodings[i] for i in rows])
                 (pooled,) = self.session.run(None, {name: feed[name] for name in self._inputs})
                 vectors[rows] = pooled
