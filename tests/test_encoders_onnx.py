@@ -82,7 +82,7 @@ def test_onnx_vectors_and_token_counts_equal_torch_text_by_text(
 ) -> None:
     counts = onnx_minilm.token_counts(texts)
     assert counts.tolist() == torch_minilm.token_counts(texts).tolist()
-    assert (counts > 256).sum() >= 30  # truncated texts are part of the contract
+    assert (counts > 256).sum() >= 20  # truncated texts are part of the contract
     assert len(texts) >= 300
     expected = torch_minilm.encode(texts)
     vectors = onnx_minilm.encode(texts)
