@@ -57,9 +57,6 @@ MAX_PADDING = 0.25
 _INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 """The graph's inputs, in order; models without token types take the first two."""
 WEIGHTS_FILE = "model.safetensors"
-_TRANSFORMER = "sentence_transformers.models.Transformer"
-_POOLING = "sentence_transformers.models.Pooling"
-_NORMALIZE = "sentence_transformers.models.Normalize"
 _KEY_FILES = (WEIGHTS_FILE, "config.json", "modules.json", "1_Pooling/config.json")
 """The files the graph is built from; their bytes are hashed into the cache key."""
 
@@ -91,16 +88,19 @@ def unsupported_reason(location: str | Path) -> str | None:
     try:
         modules = json.loads((directory / "modules.json").read_text(encoding="utf-8"))
         pooling = json.loads((directory / "1_Pooling/config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"cannot read the module layout of {directory}: {exc}"
-    types = [module.get("type") for module in modules]
-    if types not in ([_TRANSFORMER, _POOLING], [_TRANSFORMER, _POOLING, _NORMALIZE]):
-        return f"{directory} is not a Transformer, mean Pooling, Normalize model: {types}"
-    if modules[1].get("path") != "1_Pooling":
-        return f"{directory} keeps its pooling configuration elsewhere than 1_Pooling"
-    modes = sorted(
-        key for key, value in pooling.items() if key.startswith("pooling_mode") and value
-    )
+        types = [str(module["type"]) for module in modules]
+        paths = [module.get("path") or "" for module in modules]
+        modes = sorted(
+            key for key, value in pooling.items() if key.startswith("pooling_mode") and value
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"cannot read the module layout of {directory}: {exc!r}"
+    # Class paths moved between sentence-transformers versions; the class names did not.
+    names = [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
+    if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return f"{directory} is not a Transformer, Pooling, Normalize model: {types}"
+    if paths[:2] != ["", "1_Pooling"]:
+        return f"{directory} keeps its modules in other directories: {paths}"
     if modes != ["pooling_mode_mean_tokens"]:
         return f"{directory} pools with {modes}, not only mean pooling"
     if max_seq_length(directory) is None:
@@ -116,12 +116,6 @@ def max_seq_length(location: str | Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, int) and value > 0 else None
-
-
-def embedding_dimension(location: str | Path) -> int:
-    """The width of the pooled vectors, read from the pooling configuration."""
-    pooling = json.loads((Path(location) / "1_Pooling/config.json").read_text(encoding="utf-8"))
-    return int(pooling["word_embedding_dimension"])
 
 
 def graph_path(
