@@ -6,7 +6,7 @@ LangChain ``Embeddings`` object (Ollama, HuggingFace, ...).
 
 A sentence-transformers model runs on ONNX Runtime when ``onnxruntime`` is installed and the
 model has the usual layout (backend ``auto``; see :mod:`adapted_embeddings.onnx_encoder`):
-about twice as fast on CPU, with the same vectors and token counts as on torch.
+faster on CPU, most on short texts, with the same vectors and token counts as on torch.
 
 The model-backed encoders load their weights lazily, on the first call that needs them
 (``encode``, ``token_counts``), so building a pipeline whose texts are all cached never pays
