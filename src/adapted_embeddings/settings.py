@@ -159,6 +159,15 @@ class LearningSettings(BaseModel):
     warmup_audit_rate: float = Field(
         default=0.25, ge=0.0, le=1.0, description="Audit rate while audits are few."
     )
+    fidelity_target: float = Field(
+        default=0.99,
+        ge=0.5,
+        le=1.0,
+        description="Share of native retrieval quality wanted on your data: adapt() chooses "
+        "the lowest call rate whose fidelity (R@10 of the returned vectors against the "
+        "provider's, in an index of your own provider vectors, on pairs not fitted on) "
+        "meets it.",
+    )
     guard: bool = Field(
         default=True,
         description="Raise the threshold when audits show the local route below the "

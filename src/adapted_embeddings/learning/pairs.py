@@ -39,6 +39,9 @@ PAIR_STORE_FILE = "pairs.sqlite3"
 _SCHEMA_VERSION = 1
 PairKind = Literal["fallback", "audit", "cold_start"]
 """Why the provider embedded the text: below threshold, a random audit, or no adapter yet."""
+SUSPECT = "suspect"
+"""The kind of a pair whose provider vector failed ``adapt()``'s plausibility check: kept
+for inspection, never learned from; :meth:`PairStore.drop_suspect` removes them."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -193,10 +196,30 @@ class PairStore:
                 connection.executemany("DELETE FROM pairs WHERE id = ?", [(i,) for i in bad])
         return len(bad)
 
+    def mark_suspect(self, ids: np.ndarray) -> int:
+        """Mark pairs whose provider vectors failed a plausibility check; returns how many.
+
+        Marked pairs stay in the store (for inspection) but are never loaded for learning.
+        """
+        with self._transaction() as connection:
+            cursor = connection.executemany(
+                f"UPDATE pairs SET kind = '{SUSPECT}' WHERE id = ?", [(int(i),) for i in ids]
+            )
+            return int(cursor.rowcount)
+
+    def drop_suspect(self, *, source: EmbeddingSpace, target: EmbeddingSpace) -> int:
+        """Delete the pairs marked suspect for (source, target); returns how many."""
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "DELETE FROM pairs WHERE source_space = ? AND target_space = ? AND kind = ?",
+                (source.id, target.id, SUSPECT),
+            )
+            return int(cursor.rowcount)
+
     # -- reading --------------------------------------------------------------------------
 
     def load(self, *, source: EmbeddingSpace, target: EmbeddingSpace, after_id: int = 0) -> PairSet:
-        """Every pair stored for (source, target), oldest first.
+        """Every pair stored for (source, target), oldest first (pairs marked suspect excepted).
 
         Raises:
             PairStoreError: If a row holds vectors of the wrong width or NaN/Inf values
@@ -372,8 +395,9 @@ class PairStore:
     ) -> tuple[PairSet, list[tuple[int, str]]]:
         rows = self._query_all(
             "SELECT id, role, kind, adapter_id, confidence, created, source, target, text "
-            "FROM pairs WHERE source_space = ? AND target_space = ? AND id > ? ORDER BY id",
-            (source.id, target.id, after_id),
+            "FROM pairs WHERE source_space = ? AND target_space = ? AND id > ? AND kind != ? "
+            "ORDER BY id",
+            (source.id, target.id, after_id, SUSPECT),
         )
         good: list[tuple[Any, ...]] = []
         sources: list[np.ndarray] = []

