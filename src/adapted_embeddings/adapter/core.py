@@ -87,8 +87,11 @@ class Adapter:
 
         return cls.load(find_adapter(source=source, target=target, flavor=flavor, name=name).path)
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, *, overwrite: bool = False, private: bool = False) -> Path:
         """Write this adapter to ``path`` (atomically); refuses to overwrite unless asked.
+
+        ``private`` makes the directory 0700 and its files 0600 (for adapters fitted on a
+        user's own vectors).
 
         Returns:
             The directory written.
@@ -97,7 +100,7 @@ class Adapter:
         blob = serialize_weights(self._weights)
         digest = hashlib.sha256(blob).hexdigest()
         self.manifest = self.manifest.model_copy(update={"weights_sha256": digest})
-        write_adapter(Path(path), self.manifest, blob, overwrite=overwrite)
+        write_adapter(Path(path), self.manifest, blob, overwrite=overwrite, private=private)
         self.path = Path(path)
         return self.path
 

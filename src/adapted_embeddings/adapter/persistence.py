@@ -252,11 +252,21 @@ def write_adapter(
     weights_blob: bytes,
     *,
     overwrite: bool = False,
+    private: bool = False,
 ) -> None:
     """Write an adapter directory atomically.
 
     Files are written to a temporary sibling directory that is renamed into place, so a
-    crash never leaves a half-written adapter where a loader would find it.
+    crash never leaves a half-written adapter where a loader would find it. Two writers of
+    the same new directory cannot both succeed: the second gets ``FileExistsError``.
+
+    Args:
+        directory: Where the adapter goes.
+        manifest: Its manifest (written as ``adapter.json``).
+        weights_blob: The safetensors bytes.
+        overwrite: Replace an existing directory.
+        private: Directory 0700 and files 0600 (adapters fitted on a user's vectors hold
+            statistics of them); otherwise 0755 and 0644, for adapters meant to be shared.
 
     Raises:
         FileExistsError: If ``directory`` exists and ``overwrite`` is False.
@@ -273,7 +283,9 @@ def write_adapter(
         (staging / manifest.weights_file).write_bytes(weights_blob)
         manifest_json = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False)
         (staging / MANIFEST_FILE).write_text(manifest_json + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
+        for written in (manifest.weights_file, MANIFEST_FILE):
+            os.chmod(staging / written, 0o600 if private else 0o644)
+        os.chmod(staging, 0o700 if private else 0o755)
         if directory.exists():
             backup = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -281,7 +293,14 @@ def write_adapter(
             staging.rename(directory)
             shutil.rmtree(backup, ignore_errors=True)
         else:
-            staging.rename(directory)
+            try:
+                staging.rename(directory)
+            except OSError as exc:  # another writer's directory appeared after the check
+                if directory.exists():
+                    raise FileExistsError(
+                        f"adapter directory {directory} already exists (written concurrently)"
+                    ) from exc
+                raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
