@@ -139,7 +139,10 @@ def test_write_refuses_a_table_without_space_and_read_refuses_a_mix(tmp_path: Pa
     [
         ([{"body": "x"}], ["has no column 'text'", "'body'"]),
         ([{"text": "fine"}, {"text": None}], ["in.jsonl row 2", "column 'text' is empty"]),
-        ([{"text": "fine"}, {"text": "ok"}, {"text": 7}], ["in.jsonl row 3", "holds a int"]),
+        (
+            [{"text": "fine"}, {"text": "ok"}, {"text": 7}],
+            ["in.jsonl row 3", "holds a value of type int"],
+        ),
         ([{"text": "x", "embedding": [1]}], ["already has a column 'embedding'"]),
     ],
     ids=["missing-column", "null-cell", "non-string-cell", "output-column-taken"],
@@ -157,7 +160,7 @@ def test_bad_parquet_csv_and_empty_inputs(tmp_path: Path) -> None:
     numbers = tmp_path / "numbers.parquet"
     pq.write_table(pa.table({"text": [1, 2]}), numbers)
     result = embed(numbers, tmp_path / "o1")
-    assert_one_line_error(result, "numbers.parquet row 1", "holds a int")
+    assert_one_line_error(result, "numbers.parquet row 1", "holds a value of type int")
 
     nulls = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"text": ["a", "b", None]}), nulls)

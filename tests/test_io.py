@@ -64,7 +64,7 @@ def test_limit_reads_only_the_first_rows(tmp_path: Path) -> None:
         ("t.txt", "x", {}, "cannot tell the format"),
         ("t.jsonl", '{"text": "a"}\nnot json\n', {}, "line 2 is not valid JSON"),
         ("t.jsonl", '["a"]\n', {}, "line 1 is a JSON list"),
-        ("t.jsonl", '{"text": 3}\n', {}, "row 1: column 'text' holds a int"),
+        ("t.jsonl", '{"text": 3}\n', {}, "row 1: column 'text' holds a value of type int"),
         ("t.jsonl", '{"text": null}\n', {}, "row 1: column 'text' is empty"),
         (
             "t.jsonl",
@@ -73,7 +73,12 @@ def test_limit_reads_only_the_first_rows(tmp_path: Path) -> None:
             "row 2: column 'v' has 1 numbers, but earlier rows have 2",
         ),
         ("t.jsonl", '{"text": "a", "v": [1, "x"]}\n', {"vector_column": "v"}, "not a number"),
-        ("t.jsonl", '{"text": "a", "v": "oops"}\n', {"vector_column": "v"}, "holds a str"),
+        (
+            "t.jsonl",
+            '{"text": "a", "v": "oops"}\n',
+            {"vector_column": "v"},
+            "holds a value of type str",
+        ),
         ("t.jsonl", '{"text": "a", "v": []}\n', {"vector_column": "v"}, "empty list"),
         ("t.csv", 'text,v\na,"[1, NaN]"\n', {"vector_column": "v"}, "NaN or Inf"),
         ("t.csv", "text,v\na,[1 2]\n", {"vector_column": "v"}, "not a JSON list of numbers"),

@@ -259,7 +259,8 @@ def _text_cell(value: Any, path: Path, number: int, column: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise InputFileError(f"{path} row {number}: column {column!r} is empty")
     raise InputFileError(
-        f"{path} row {number}: column {column!r} holds a {type(value).__name__}, expected text"
+        f"{path} row {number}: column {column!r} holds a value of type "
+        f"{type(value).__name__}, expected text"
     )
 
 
@@ -293,7 +294,9 @@ def _vector_cell(
                 f"{prefix} is not a JSON list of numbers such as [0.1, -0.2]"
             ) from None
     if not isinstance(cell, Iterable) or isinstance(cell, str | bytes | dict):
-        raise InputFileError(f"{prefix} holds a {type(cell).__name__}, expected a list of numbers")
+        raise InputFileError(
+            f"{prefix} holds a value of type {type(cell).__name__}, expected a list of numbers"
+        )
     items = list(cell)
     if not items:
         raise InputFileError(f"{prefix} is an empty list")
