@@ -334,6 +334,12 @@ def test_ndjson_stays_valid_for_any_unicode(runner: CliRunner, cache_dir: Path) 
     ]
 
 
+@pytest.mark.parametrize("command", ["embed", "embed-dataset", "serve"])
+def test_no_command_offers_a_doubled_negative_flag(runner: CliRunner, command: str) -> None:
+    help_text = invoke(runner, [command, "--help"], env={"COLUMNS": "200"}).stdout
+    assert "--no-cache" in help_text and "--no-no-" not in help_text
+
+
 def test_flags_have_plain_names_and_metavars(runner: CliRunner) -> None:
     help_text = invoke(runner, ["embed", "--help"]).stdout
     assert "--cache / --no-cache" in help_text and "--quality / --no-quality" in help_text

@@ -72,7 +72,9 @@ def serve_command(
         typer.Option(help="'raise' (answer 502) or 'local' (serve the adapter's vectors)."),
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Embedding cache directory.")] = None,
-    no_cache: Annotated[bool, typer.Option(help="Neither read nor write the cache.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the cache.")
+    ] = False,
     max_concurrent_requests: Annotated[
         int | None, typer.Option(min=1, help="Requests in progress before 429 (default 64).")
     ] = None,
