@@ -114,7 +114,9 @@ class PipelineOptions(BaseModel):
         description="Share of confidently-local texts also checked by the provider.",
     )
     auto_adapt_every: int | None = Field(
-        default=None, gt=0, description="Adapt in the background after this many new pairs."
+        default=None,
+        ge=0,
+        description="Adapt in the background after this many new pairs (default 500; 0 off).",
     )
     settings: AdaptedEmbeddingsSettings | None = Field(
         default=None, description="A settings object; defaults to one read from the environment."

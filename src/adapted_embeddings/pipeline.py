@@ -19,10 +19,11 @@ learning from it (*cold start*).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -220,6 +221,53 @@ class EmbeddingPipeline:
                 that did succeed are cached first, so a retry does not pay for them again.
 
         """
+        chunks = self._guard_chunks(texts)
+        if chunks is None:
+            return self._embed_once(texts, role)
+        unique, positions, bounds = chunks
+        results: list[EmbeddingResult] = []
+        for start, stop in bounds:
+            with _chunk_errors(positions, start):
+                results += self._embed_once(unique[start:stop], role)
+        return self._spread(results, positions)
+
+    async def aembed(self, texts: Sequence[str], role: Role = "document") -> list[EmbeddingResult]:
+        """Async :meth:`embed`: local work runs in a thread, provider calls use the async client."""
+        chunks = self._guard_chunks(texts)
+        if chunks is None:
+            return await self._aembed_once(texts, role)
+        unique, positions, bounds = chunks
+        results: list[EmbeddingResult] = []
+        for start, stop in bounds:
+            with _chunk_errors(positions, start):
+                results += await self._aembed_once(unique[start:stop], role)
+        return self._spread(results, positions)
+
+    def _spread(
+        self, unique_results: list[EmbeddingResult], positions: list[int]
+    ) -> list[EmbeddingResult]:
+        """One result per input from one per distinct text, each with its own vector copy.
+
+        The chunks counted each distinct text once; repeats are counted here under their
+        route, as a single pass counts them.
+        """
+        seen: set[int] = set()
+        ordered, repeats = [], []
+        for u in positions:
+            result = unique_results[u]
+            if u in seen:
+                result = replace(result, vector=np.array(result.vector, dtype=np.float32))
+                repeats.append(result.route)
+            seen.add(u)
+            ordered.append(result)
+        with self._stats_lock:
+            self._stats.texts += len(repeats)
+            self._stats.cache_hits += repeats.count("cache")
+            self._stats.local += repeats.count("local")
+            self._stats.provider += repeats.count("provider")
+        return ordered
+
+    def _embed_once(self, texts: Sequence[str], role: Role) -> list[EmbeddingResult]:
         plan = self._plan(texts, role)
         outcome = None
         if plan.for_provider:
@@ -227,14 +275,42 @@ class EmbeddingPipeline:
             outcome = self._fetch(plan)
         return self._finish(plan, outcome)
 
-    async def aembed(self, texts: Sequence[str], role: Role = "document") -> list[EmbeddingResult]:
-        """Async :meth:`embed`: local work runs in a thread, provider calls use the async client."""
+    async def _aembed_once(self, texts: Sequence[str], role: Role) -> list[EmbeddingResult]:
         plan = await asyncio.to_thread(self._plan, texts, role)
         outcome = None
         if plan.for_provider:
             assert self.provider is not None  # guaranteed by _plan
             outcome = await self._afetch(plan)
         return await asyncio.to_thread(self._finish, plan, outcome)
+
+    def _guard_chunks(
+        self, texts: Sequence[str]
+    ) -> tuple[list[str], list[int], list[tuple[int, int]]] | None:
+        """Chunks of a long call, so the guard can act between them (None: one pass).
+
+        The guard acts on audits, and audits come back with the provider's answer. In one
+        pass, a long call on a domain where the adapter is confidently wrong would be
+        served entirely at the old threshold; in chunks of ``learning.guard_chunk`` distinct
+        texts, at most one chunk is (each chunk plans with the threshold the previous
+        chunks' audits left). Only while the guard can still act: hybrid mode, audits and
+        guard on, and not already routing everything.
+        """
+        learner, adapter = self.learner, self.adapter
+        if (
+            learner is None
+            or adapter is None
+            or self.gate.mode != "hybrid"
+            or not learner.settings.guard
+            or learner.settings.audit_rate == 0
+            or learner.settings.guard_chunk is None
+            or len(texts) <= learner.settings.guard_chunk
+            or (learner.raised_threshold(adapter) or 0.0) >= 1.0
+        ):
+            return None
+        unique, positions = _deduplicate(texts)  # validates, naming the caller's indices
+        size = learner.settings.guard_chunk
+        bounds = [(start, min(start + size, len(unique))) for start in range(0, len(unique), size)]
+        return unique, positions, bounds
 
     def warm_up(self) -> None:
         """Load the local model now instead of on the first cache miss.
@@ -669,6 +745,22 @@ def _provider_entry(plan: _Plan, u: int, vector: np.ndarray) -> tuple[str, Cache
     # The confidence is the adapter's, not the provider's: it is not stored with a vector
     # every adapter shares.
     return plan.provider_keys[u], CachedEmbedding(vector, "provider", None, plan.unique_texts[u])
+
+
+@contextlib.contextmanager
+def _chunk_errors(positions: list[int], offset: int) -> Iterator[None]:
+    """Re-raise a chunk's ProviderError with the caller's input positions."""
+    try:
+        yield
+    except ProviderError as exc:
+        failed = {offset + i for i in exc.failed_indices}
+        exc.failed_indices = [p for p, u in enumerate(positions) if u in failed]
+        exc.args = (
+            f"{exc.args[0]} (in a call of {len(positions)} inputs embedded in chunks, so the "
+            f"guard can act between them: input positions {_preview(exc.failed_indices)}; "
+            "chunks after this one were not embedded)",
+        )
+        raise
 
 
 def _in_input_order(plan: _Plan) -> list[EmbeddingResult]:

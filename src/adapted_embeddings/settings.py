@@ -176,6 +176,12 @@ class LearningSettings(BaseModel):
     guard_min_audits: int = Field(
         default=30, ge=5, description="Audits needed before the guard may act."
     )
+    guard_chunk: int | None = Field(
+        default=128,
+        gt=0,
+        description="A call with more distinct texts than this is embedded in chunks of this "
+        "many, so the guard can act between them (None: one pass).",
+    )
     guard_tolerance: float = Field(
         default=0.05,
         ge=0.0,
@@ -187,9 +193,10 @@ class LearningSettings(BaseModel):
         default=400, ge=10, description="Most recent audits used for the quality estimate."
     )
     auto_adapt_every: int | None = Field(
-        default=None,
-        gt=0,
-        description="Adapt again in the background after this many new pairs (off: None).",
+        default=500,
+        ge=0,
+        description="Adapt again in the background after this many new pairs, switching only "
+        "when the out-of-fold check says the candidate is better (off: 0 or None).",
     )
     adapter_dir: Path | None = Field(
         default=None,

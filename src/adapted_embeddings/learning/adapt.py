@@ -62,7 +62,13 @@ from adapted_embeddings.adapter.network import (
     translate_with_features,
 )
 from adapted_embeddings.errors import AdaptationError
-from adapted_embeddings.learning.fidelity import FidelityCurve, FidelityPoint, neighbour_hits
+from adapted_embeddings.learning.fidelity import (
+    FidelityCurve,
+    FidelityPoint,
+    neighbour_hits,
+    routing_threshold,
+    traffic_weights,
+)
 from adapted_embeddings.learning.lineage import LINEAGE_KEY, lineage
 from adapted_embeddings.learning.pairs import PairSet, PairStore
 from adapted_embeddings.learning.plausibility import ProviderCheck, check_provider_vectors
@@ -76,6 +82,7 @@ _REPLAY_SHARES = (1.0, 0.25, 0.0)
 _SHA_PLACEHOLDER = "0" * 64
 CURVE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
 _ROWS_PER_OOD_DIRECTION = 10
+_MAX_ROW_WEIGHT = 10.0
 
 MIN_ADAPT_PAIRS = 100
 """Fewest stored pairs ``adapt()`` accepts, warm or cold start: the one minimum.
@@ -277,26 +284,17 @@ def adapt(
         return _refuse(report, check, store, pairs, started)
 
     base = parent if parent is not None else _blank_adapter(pairs, source, target)
-    all_rows = np.arange(len(pairs))
-    candidate, after, floor = _fit_and_calibrate(base, pairs, options, trusted, goal)
+    weights = traffic_weights(pairs, settings)
+    candidate, after, floor = _fit_and_calibrate(base, pairs, weights, options, trusted, goal)
     before = None
     if parent is not None:
         translated, confidence = parent.translate(pairs.source)
-        before = _judge(translated, confidence, pairs, base.target_mean, goal)
-        in_force = max((parent_thresholds or {}).values(), default=0.0)
-        routed_in_force = float((confidence < in_force).mean())
-        if routed_in_force > before.fallback_rate:  # e.g. the guard routes everything
-            point = FidelityCurve(
-                confidence, neighbour_hits(translated, pairs.target, pairs.target, all_rows)
-            ).at(in_force)
-            before = replace(
-                before,
-                threshold=in_force,
-                fallback_rate=routed_in_force,
-                fidelity=point.fidelity,
-                fidelity_low=point.low,
-                fidelity_high=point.high,
-            )
+        # Where the guard tripped, the parent's own confidence was refuted: its call rate is
+        # what the guard imposes (often everything), not what its scores would suggest.
+        in_force = max((parent_thresholds or {}).values(), default=0.0) if not trusted else 0.0
+        before = _judge(
+            translated, confidence, pairs, weights, base.target_mean, goal, at_least=in_force
+        )
     report.before, report.after = before, after
     report.threshold, report.expected_fallback_rate = after.threshold, after.fallback_rate
     report.quality_floor = floor[0]
@@ -333,7 +331,12 @@ def _refuse(
 
 
 def _fit_and_calibrate(
-    base: Adapter, pairs: PairSet, options: AdaptOptions, trusted: bool, goal: float
+    base: Adapter,
+    pairs: PairSet,
+    weights: np.ndarray,
+    options: AdaptOptions,
+    trusted: bool,
+    goal: float,
 ) -> tuple[Adapter, HeldOutQuality, tuple[float, float]]:
     """Fit ``folds`` times, each without one fold; choose the threshold on the held-out scores.
 
@@ -355,7 +358,10 @@ def _fit_and_calibrate(
     for fold in range(options.folds):
         held = folds == fold
         hyper = _hyper(models[0]) if models else None
-        model = _fit(base, pairs, np.flatnonzero(~held), options, trusted=trusted, hyper=hyper)
+        train = np.flatnonzero(~held)
+        model = _fit(
+            base, pairs, train, options, trusted=trusted, traffic=weights[train], hyper=hyper
+        )
         translated[held], confidence[held] = model.translate(pairs.source[held])
         models.append(model)
     # Each fold's scores are on its own model's scale: pool them as within-fold ranks, then
@@ -364,24 +370,17 @@ def _fit_and_calibrate(
     for fold in range(options.folds):
         held = np.flatnonzero(folds == fold)
         ranks[held] = (np.argsort(np.argsort(confidence[held])) + 0.5) / len(held)
-    after = _judge(translated, ranks, pairs, base.target_mean, goal)
+    after = _judge(translated, ranks, pairs, weights, base.target_mean, goal)
     quality = centred_cosine_rows(translated, pairs.target, base.target_mean)
-    local = quality[ranks >= after.threshold]
-    kept = local if len(local) else quality
-    floor = (float(kept.mean()), float(np.percentile(kept, 10)))
-    threshold = _threshold_routing(confidence[folds == 0], after.fallback_rate)
+    local = ranks >= after.threshold
+    kept = local if local.any() else np.ones(len(pairs), dtype=bool)
+    floor = (
+        float(np.average(quality[kept], weights=weights[kept])),  # as the traffic meets it
+        float(np.percentile(quality[kept], 10)),
+    )
+    first = folds == 0
+    threshold = min(routing_threshold(confidence[first], weights[first], after.fallback_rate), 1.0)
     return models[0], replace(after, threshold=threshold), floor
-
-
-def _threshold_routing(confidence: np.ndarray, share: float) -> float:
-    """The threshold below which ``share`` of ``confidence`` falls (0: none, 1.0: all)."""
-    count = round(share * len(confidence))
-    if count <= 0:
-        return 0.0
-    if count >= len(confidence):
-        return 1.0
-    ordered = np.sort(confidence)
-    return float(min(np.nextafter(ordered[count - 1], np.float32(np.inf)), 1.0))
 
 
 def _hyper(model: Adapter) -> tuple[float, float]:
@@ -390,13 +389,25 @@ def _hyper(model: Adapter) -> tuple[float, float]:
 
 
 def _judge(
-    translated: np.ndarray, confidence: np.ndarray, pairs: PairSet, mean: np.ndarray, goal: float
+    translated: np.ndarray,
+    confidence: np.ndarray,
+    pairs: PairSet,
+    weights: np.ndarray,
+    mean: np.ndarray,
+    goal: float,
+    *,
+    at_least: float = 0.0,
 ) -> HeldOutQuality:
-    """Fidelity of these (out-of-fold) vectors and scores, in the index of all the pairs."""
+    """Fidelity of these (out-of-fold) vectors and scores, in the index of all the pairs.
+
+    The threshold is the lowest meeting ``goal``, or ``at_least`` where that is higher.
+    """
     rows = np.arange(len(pairs))
-    hits = neighbour_hits(translated, pairs.target, pairs.target, rows)
-    curve = FidelityCurve(confidence, hits)
+    hits = neighbour_hits(translated, pairs.target, pairs.target, rows, weights)
+    curve = FidelityCurve(confidence, hits, weights)
     point: FidelityPoint = curve.threshold_for(goal)
+    if at_least > point.threshold:
+        point = curve.at(at_least)
     quality = centred_cosine_rows(translated, pairs.target, mean)
     local = confidence >= point.threshold
     curve_points = {f"{p.routed:.2f}": p.fidelity for p in curve.table(CURVE_SHARES)}
@@ -406,7 +417,7 @@ def _judge(
         fidelity_high=point.high,
         fallback_rate=point.routed,
         threshold=float(min(point.threshold, 1.0)),
-        neighbour_agreement_at_10=float(hits.mean()),
+        neighbour_agreement_at_10=curve.at(0.0).fidelity,
         mean_centred_cosine=float(quality.mean()),
         local_route_quality=float(quality[local].mean()) if local.any() else float("nan"),
         routing_curve=curve_points,
@@ -468,12 +479,16 @@ def _fit(
     options: AdaptOptions,
     *,
     trusted: bool,
+    traffic: np.ndarray | None = None,
     hyper: tuple[float, float] | None = None,
 ) -> Adapter:
     """Refit ``parent``'s decoder, OOD gate and quality head on the pairs ``rows``.
 
-    ``hyper`` fixes the (ridge, replay share) instead of choosing them on an inner split,
-    so the out-of-fold fits are the same procedure as the final one.
+    ``traffic`` (:func:`traffic_weights` of ``rows``) makes the novelty statistics describe
+    the traffic, not just the stored pairs: an audit stands for the local texts it was drawn
+    among, so texts like the ones the parent kept local are not called novel. ``hyper``
+    fixes the (ridge, replay share) instead of choosing them on an inner split, so the
+    out-of-fold fits repeat the first one's procedure.
     """
     from adapted_embeddings.training import quality
 
@@ -502,8 +517,12 @@ def _fit(
     # parent already gets right costs nothing.
     scale = np.linalg.norm(coefficients @ decoder + bias, axis=1, keepdims=True)
     user_goal = l2_normalize(user_target) * scale - bias
+    # Rows weighted by the traffic they stand for (capped, so a few audits cannot dominate):
+    # fitted on the routed texts alone, a decoder drifts away from what the parent did well
+    # on the texts it kept local.
+    row_weights = None if traffic is None else np.clip(traffic, 1.0, _MAX_ROW_WEIGHT)
     system = _DecoderSystem(
-        user_features, user_goal, replay_features, replay_goal, prior, replay_weight
+        user_features, user_goal, replay_features, replay_goal, prior, replay_weight, row_weights
     )
     ridge, replay_share = hyper or system.choose(user_target, bias, rng)
 
@@ -515,16 +534,20 @@ def _fit(
         held = folds == fold
         fold_decoder = system.solve(ridge, replay_share, rows=~held)
         predicted[held] = user_features[held] @ fold_decoder + bias
-    hits = neighbour_hits(predicted, user_target, user_target, np.arange(len(rows)))
+    hits = neighbour_hits(predicted, user_target, user_target, np.arange(len(rows)), traffic)
 
-    learned_from = np.vstack([replay_centred, centred]) if replay_share else centred
+    repeats = np.ones(len(rows), int) if traffic is None else np.clip(np.rint(traffic), 1, 50)
+    traffic_centred = np.repeat(centred, repeats.astype(int), axis=0)
+    traffic_source = np.repeat(user_source, repeats.astype(int), axis=0)
+    learned_from = np.vstack([replay_centred, traffic_centred]) if replay_share else traffic_centred
+    distinct = len(rows) + (len(replay_source) if replay_share else 0)
     rank = arch.basis_rank
     widened = arch.model_copy(
         update={
             "basis_rank": rank + widening.shape[1],
             # A whitened distance over many directions, estimated from few rows, calls
             # every new text novel: keep ten rows per direction.
-            "ood_rank": max(min(arch.ood_rank, len(learned_from) // _ROWS_PER_OOD_DIRECTION), 1),
+            "ood_rank": max(min(arch.ood_rank, distinct // _ROWS_PER_OOD_DIRECTION), 1),
         }
     )
     encoder = weights["encoder.weight"]
@@ -542,7 +565,7 @@ def _fit(
 
     # Novelty: OOD statistics and gate over the sources learned from; then the head.
     weights.update(quality.fit_ood_subspace(learned_from, widened.ood_rank))
-    gate_sources = np.vstack([replay_source, user_source]) if replay_share else user_source
+    gate_sources = np.vstack([replay_source, traffic_source]) if replay_share else traffic_source
     _, _, ood = translate_with_features(gate_sources, prepare(weights), widened)
     weights.update(quality.fit_gate(ood, percentile=99.0))
     _, features, _ = translate_with_features(user_source, prepare(weights), widened)
@@ -586,9 +609,13 @@ class _DecoderSystem:
         replay_goal: np.ndarray,
         prior: np.ndarray,
         replay_weight: float,
+        row_weights: np.ndarray | None = None,
     ) -> None:
-        self.user = user.astype(np.float64)
-        self.user_goal = user_goal.astype(np.float64)
+        self.row_weights = np.ones(len(user)) if row_weights is None else row_weights
+        root = np.sqrt(self.row_weights)
+        self.features = user.astype(np.float64)
+        self.user = self.features * root[:, None]
+        self.user_goal = user_goal.astype(np.float64) * root[:, None]
         self.prior = prior.astype(np.float64)
         replay64 = replay.astype(np.float64)
         self.replay_gram = replay_weight * replay64.T @ replay64
@@ -618,8 +645,9 @@ class _DecoderSystem:
         scores = {}
         for ridge in _RIDGE_GRID:
             for share in shares:
-                predicted = self.user[inner] @ self.solve(ridge, share, rows=~inner) + bias
-                scores[ridge, share] = centred_cosine_rows(predicted, target[inner], bias).mean()
+                predicted = self.features[inner] @ self.solve(ridge, share, rows=~inner) + bias
+                agreement = centred_cosine_rows(predicted, target[inner], bias)
+                scores[ridge, share] = np.average(agreement, weights=self.row_weights[inner])
         ridge, share = max(scores, key=lambda key: scores[key])
         return float(ridge), float(share)
 

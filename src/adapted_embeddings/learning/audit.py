@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from adapted_embeddings.adapter import Adapter
+from adapted_embeddings.learning.fidelity import wilson_interval
 from adapted_embeddings.learning.pairs import AuditRecord
 from adapted_embeddings.settings import LearningSettings
 
@@ -108,6 +109,12 @@ class QualityReport:
     guard_tripped: bool
     raised_threshold: float | None
     audit_rate: float
+    local_fidelity: float | None = None
+    """Share of audited local texts whose native nearest neighbour (among the stored
+    provider vectors) is in their local vector's top 10: the fidelity of the local route."""
+    local_fidelity_low: float | None = None
+    local_fidelity_high: float | None = None
+    fidelity_target: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The report as a plain dict (JSON-ready)."""
@@ -122,11 +129,18 @@ class QualityReport:
             if self.guard_tripped
             else "guard ok"
         )
+        fidelity = ""
+        if self.local_fidelity is not None:
+            fidelity = (
+                f"; local-route fidelity {self.local_fidelity:.3f} "
+                f"[{self.local_fidelity_low:.3f}, {self.local_fidelity_high:.3f}] "
+                f"(target {self.fidelity_target:.2f} overall)"
+            )
         return (
             f"{self.adapter}: {self.audited} audits, agreement {self.mean_agreement:.3f} "
             f"[{self.agreement_low:.3f}, {self.agreement_high:.3f}] vs floor {self.floor:.3f}; "
             f"poor {self.poor_share:.1%} [{self.poor_share_low:.1%}, "
-            f"{self.poor_share_high:.1%}] below {self.poor_below:.3f}; {guard}"
+            f"{self.poor_share_high:.1%}] below {self.poor_below:.3f}{fidelity}; {guard}"
         )
 
 
@@ -216,7 +230,7 @@ class AuditTracker:
             low, high = mean - half, mean + half
             hits = int((agreement < self.floor.poor_below).sum())
             poor = hits / n
-            poor_low, poor_high = _wilson(hits, n)
+            poor_low, poor_high = wilson_interval(hits, n)
         return QualityReport(
             adapter=self.adapter_name,
             audited=n,
@@ -275,12 +289,3 @@ def lowest_threshold_meeting(
     if meets[-1] + 1 == len(order):
         return 0.0
     return float(np.asarray(confidence)[order][meets[-1]])
-
-
-def _wilson(hits: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    p = hits / n
-    denominator = 1 + _Z95**2 / n
-    centre = (p + _Z95**2 / (2 * n)) / denominator
-    half = _Z95 * math.sqrt(p * (1 - p) / n + _Z95**2 / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)

@@ -2,7 +2,9 @@
 
 The measure, in the user's terms. Take held-out pairs (texts the provider embedded, whose
 native vectors are known, that were not used to fit or calibrate what is judged). The
-*index* is the user's own provider vectors: every stored pair's native vector. For each
+*index* is the user's own provider vectors: every stored pair's native vector, each
+weighted by the texts of the traffic it stands for (:func:`traffic_weights`), so the
+index judged is the size and make-up of the traffic seen, not of the stored sample. For each
 held-out text, the pipeline returns either its local (adapted) vector, when the confidence
 reaches the threshold, or the native vector, when the text is routed. The text is a *hit*
 when its native nearest neighbour in the index (itself excluded) is among the top 10 that
@@ -24,6 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from adapted_embeddings.adapter.network import l2_normalize
+from adapted_embeddings.learning.pairs import PairSet
+from adapted_embeddings.settings import LearningSettings
 
 K = 10
 """Depth of the neighbour-agreement measure (R@10)."""
@@ -33,7 +37,11 @@ _BLOCK = 1024
 
 
 def neighbour_hits(
-    returned: np.ndarray, native: np.ndarray, index: np.ndarray, rows: np.ndarray
+    returned: np.ndarray,
+    native: np.ndarray,
+    index: np.ndarray,
+    rows: np.ndarray,
+    index_weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Whether each returned vector retrieves its text's native nearest neighbour in the top 10.
 
@@ -43,15 +51,19 @@ def neighbour_hits(
         index: ``(n, d)`` the user's provider vectors (the index searched).
         rows: ``(m,)`` the row of ``index`` that is each judged text itself (excluded from
             both searches), or -1 when the text is not in the index.
+        index_weights: How many texts of the user's index each row stands for (default 1).
+            A row that outranks the native neighbour counts that many times: a sample of
+            the stored pairs then judges as the whole traffic's index would.
 
     Returns:
-        ``(m,)`` booleans.
+        ``(m,)`` booleans: fewer than 10 (weighted) rows outrank the native neighbour.
 
     """
     index = l2_normalize(index)
     returned, native = l2_normalize(returned), l2_normalize(native)
+    weights = np.ones(len(index)) if index_weights is None else np.asarray(index_weights)
     hits = np.zeros(len(returned), dtype=bool)
-    k = min(K, max(len(index) - 1, 1))
+    k = min(K, max(float(weights.sum()) - 1, 1))
     for start in range(0, len(returned), _BLOCK):
         block = slice(start, start + _BLOCK)
         own = np.asarray(rows[block])
@@ -63,15 +75,41 @@ def neighbour_hits(
         sims = returned[block] @ index.T
         sims[positions[mask], own[mask]] = -np.inf
         target = sims[positions, top1]
-        hits[block] = (sims > target[:, None]).sum(axis=1) < k
+        hits[block] = (sims > target[:, None]) @ weights < k
     return hits
 
 
-def wilson_interval(hits: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (0, 1 when ``n`` is 0)."""
+def traffic_weights(pairs: PairSet, settings: LearningSettings) -> np.ndarray:
+    """How many texts of the traffic each stored pair stands for.
+
+    The pairs are not a sample of the traffic: every text the gate routed is stored, but of
+    the texts it kept local only the audits are, a random ``1/rate`` share. So a fallback
+    (or a cold-start pair) stands for itself, and an audit for ``1/rate`` local texts: the
+    warm-up rate for an adapter's first ``warmup_audits`` audits, ``audit_rate`` after.
+    Weighted so, the pairs estimate fidelity and call rate on the traffic that produced
+    them, in an index the size of that traffic.
+    """
+    weights = np.ones(len(pairs))
+    warm_rate = max(settings.audit_rate, settings.warmup_audit_rate)
+    seen: dict[str, int] = {}
+    for row, (kind, adapter_id) in enumerate(zip(pairs.kinds, pairs.adapter_ids, strict=True)):
+        if kind != "audit":
+            continue
+        earlier = seen.get(adapter_id, 0)
+        seen[adapter_id] = earlier + 1
+        rate = warm_rate if earlier < settings.warmup_audits else settings.audit_rate
+        weights[row] = 1.0 / rate if rate > 0 else 1.0
+    return weights
+
+
+def wilson_interval(hits: float, n: float) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (0, 1 when ``n`` is 0).
+
+    ``hits`` and ``n`` may be fractional (a weighted count and an effective sample size).
+    """
     if n == 0:
         return 0.0, 1.0
-    p = hits / n
+    p = min(max(hits / n, 0.0), 1.0)
     denominator = 1 + _Z95**2 / n
     centre = (p + _Z95**2 / (2 * n)) / denominator
     half = _Z95 * math.sqrt(p * (1 - p) / n + _Z95**2 / (4 * n * n)) / denominator
@@ -107,54 +145,87 @@ class FidelityPoint:
         )
 
 
-class FidelityCurve:
-    """Fidelity against the share routed, over every threshold, for one set of judged texts."""
+def routing_threshold(confidence: np.ndarray, weights: np.ndarray, share: float) -> float:
+    """The threshold that routes the least confident ``share`` (by weight) of the texts.
 
-    def __init__(self, confidence: np.ndarray, hits: np.ndarray) -> None:
+    Returns 0.0 when nothing is to be routed and ``inf`` when everything is.
+    """
+    if share <= 0 or not len(confidence):
+        return 0.0
+    order = np.argsort(confidence, kind="stable")
+    cumulative = np.cumsum(np.asarray(weights, np.float64)[order])
+    count = int(np.searchsorted(cumulative / cumulative[-1], share - 1e-9, side="left")) + 1
+    if count >= len(order):
+        return float("inf")
+    return float(np.nextafter(np.asarray(confidence)[order][count - 1], np.inf))
+
+
+class FidelityCurve:
+    """Fidelity against the share routed, over every threshold, for one set of judged texts.
+
+    ``weights`` make the judged texts stand for the traffic they were sampled from (e.g. an
+    audit stands for the 1/audit-rate local texts it was drawn among); the interval then
+    uses the effective sample size ``(sum w)^2 / sum w^2``.
+    """
+
+    def __init__(
+        self, confidence: np.ndarray, hits: np.ndarray, weights: np.ndarray | None = None
+    ) -> None:
         """Judge texts with these confidences, whose local vectors hit (or miss)."""
         self.confidence = np.asarray(confidence, dtype=np.float64)
         self.hits = np.asarray(hits, dtype=bool)
-        if self.confidence.shape != self.hits.shape:
-            raise ValueError("confidence and hits must have the same length")
+        self.weights = (
+            np.ones(len(self.hits)) if weights is None else np.asarray(weights, np.float64)
+        )
+        if not self.confidence.shape == self.hits.shape == self.weights.shape:
+            raise ValueError("confidence, hits and weights must have the same length")
+        total = float(self.weights.sum())
+        self._total = total
+        self._effective = total**2 / float((self.weights**2).sum()) if total else 0.0
 
     def at(self, threshold: float) -> FidelityPoint:
         """Fidelity when texts with confidence below ``threshold`` are routed."""
         routed = self.confidence < threshold
-        good = int((self.hits | routed).sum())
-        n = len(self.hits)
-        low, high = wilson_interval(good, n)
+        if not self._total:
+            return FidelityPoint(float(threshold), 0.0, 1.0, 0.0, 1.0, 0)
+        fidelity = float(self.weights[self.hits | routed].sum()) / self._total
+        low, high = wilson_interval(fidelity * self._effective, self._effective)
         return FidelityPoint(
             threshold=float(threshold),
-            routed=float(routed.mean()) if n else 0.0,
-            fidelity=good / n if n else 1.0,
+            routed=float(self.weights[routed].sum()) / self._total,
+            fidelity=fidelity,
             low=low,
             high=high,
-            judged=n,
+            judged=len(self.hits),
         )
 
     def at_share(self, share: float) -> FidelityPoint:
-        """Fidelity when the ``share`` least confident texts are routed."""
-        n = len(self.confidence)
-        count = min(max(round(share * n), 0), n)
-        if count == 0:
-            return self.at(0.0)
-        ordered = np.sort(self.confidence)
-        threshold = float(np.nextafter(ordered[count - 1], np.inf)) if count < n else 1.01
-        return self.at(min(threshold, 1.01))
+        """Fidelity when the least confident ``share`` (by weight) of the texts is routed."""
+        return self.at(routing_threshold(self.confidence, self.weights, share))
 
     def threshold_for(self, target: float) -> FidelityPoint:
         """The lowest call rate whose fidelity (point estimate) meets ``target``.
 
-        Candidate thresholds are 0 (nothing routed) and each judged confidence; the result
-        routes everything (threshold above 1) when the local route cannot meet the target
-        at any share.
+        Candidate thresholds are 0 (nothing routed) and each judged confidence (so tied
+        texts are routed together); the result routes everything (an infinite threshold)
+        when the local route cannot meet the target at any share.
         """
-        candidates = np.unique(np.concatenate([[0.0], self.confidence]))
-        for threshold in candidates:  # increasing threshold = increasing call rate
-            point = self.at(float(threshold))
-            if point.fidelity >= target:
-                return point
-        return self.at(1.01)
+        if not self._total:
+            return self.at(0.0)
+        order = np.argsort(self.confidence, kind="stable")
+        ordered, weights = self.confidence[order], self.weights[order]
+        missed_routed = np.concatenate([[0.0], np.cumsum(weights * ~self.hits[order])])
+        # Routing the first k: every routed text becomes a hit; the misses left are local.
+        fidelity = 1.0 - (missed_routed[-1] - missed_routed) / self._total
+        boundary = np.ones(len(ordered) + 1, dtype=bool)
+        boundary[1:-1] = ordered[:-1] < ordered[1:]
+        meets = np.flatnonzero(boundary & (fidelity >= target - 1e-12))
+        if not len(meets):
+            return self.at(float("inf"))
+        k = int(meets[0])
+        if k == 0:
+            return self.at(0.0)
+        return self.at(float(ordered[k]) if k < len(ordered) else float("inf"))
 
     def table(self, shares: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)) -> list[FidelityPoint]:
         """Fidelity at a few routed shares (the routing curve)."""
@@ -166,5 +237,7 @@ __all__ = [
     "FidelityPoint",
     "K",
     "neighbour_hits",
+    "routing_threshold",
+    "traffic_weights",
     "wilson_interval",
 ]

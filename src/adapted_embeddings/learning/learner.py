@@ -11,17 +11,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.errors import PairStoreError
 from adapted_embeddings.learning.audit import AuditTracker, QualityReport
+from adapted_embeddings.learning.fidelity import (
+    K,
+    neighbour_hits,
+    traffic_weights,
+    wilson_interval,
+)
 from adapted_embeddings.learning.pairs import AuditRecord, PairRecord, PairStore
 from adapted_embeddings.settings import LearningSettings
 from adapted_embeddings.spaces import EmbeddingSpace
 
 logger = logging.getLogger(__name__)
+
+_FIDELITY_INDEX_ROWS = 5_000
+"""Newest stored rows searched when the report measures the local route's fidelity."""
 
 
 class DomainLearner:
@@ -49,6 +59,8 @@ class DomainLearner:
         self._adapting = threading.Event()
         self.on_enough_pairs: Callable[[], None] | None = None
         self.pairs_stored = 0
+        self._fidelity_key: tuple[str, int] | None = None
+        self._fidelity: tuple[float, float, float] | None = None
 
     @property
     def learning(self) -> bool:
@@ -84,8 +96,58 @@ class DomainLearner:
         return self.tracker(adapter).raised_threshold
 
     def report(self, adapter: Adapter) -> QualityReport:
-        """The running quality estimate of ``adapter``'s local route."""
-        return self.tracker(adapter).report()
+        """The running quality estimate of ``adapter``'s local route, with its fidelity.
+
+        The fidelity of the local route is measured on the stored audits of ``adapter`` (a
+        uniform sample of its local texts) in the index of the newest stored provider
+        vectors (at most 5,000 rows, each weighted by the traffic it stands for, as in
+        :func:`~adapted_embeddings.learning.fidelity.traffic_weights`); it is recomputed
+        only when the store has new pairs.
+        """
+        report = self.tracker(adapter).report()
+        measured = self._local_fidelity(adapter)
+        if measured is None:
+            return replace(report, fidelity_target=self.settings.fidelity_target)
+        fidelity, low, high = measured
+        return replace(
+            report,
+            local_fidelity=fidelity,
+            local_fidelity_low=low,
+            local_fidelity_high=high,
+            fidelity_target=self.settings.fidelity_target,
+        )
+
+    def _local_fidelity(self, adapter: Adapter) -> tuple[float, float, float] | None:
+        if self.store is None:
+            return None
+        try:
+            key = (adapter.id, self.store.last_id())
+            if self._fidelity_key == key:
+                return self._fidelity
+            newest = max(key[1] - _FIDELITY_INDEX_ROWS, 0)
+            pairs = self.store.load(source=self.source, target=self.target, after_id=newest)
+        except PairStoreError as exc:
+            self._report_store_failure(exc)
+            return None
+        rows = np.array(
+            [
+                row
+                for row, (kind, owner) in enumerate(
+                    zip(pairs.kinds, pairs.adapter_ids, strict=True)
+                )
+                if kind == "audit" and owner == adapter.id
+            ],
+            dtype=np.int64,
+        )
+        result = None
+        if len(rows) and len(pairs) > K + 1:
+            translated, _ = adapter.translate(pairs.source[rows])
+            weights = traffic_weights(pairs, self.settings)
+            hits = neighbour_hits(translated, pairs.target[rows], pairs.target, rows, weights)
+            low, high = wilson_interval(int(hits.sum()), len(hits))
+            result = (float(hits.mean()), low, high)
+        self._fidelity_key, self._fidelity = key, result
+        return result
 
     def record(self, adapter: Adapter | None, pairs: Sequence[PairRecord]) -> None:
         """Keep the pairs (if learning) and feed the audits to the guard."""
@@ -129,7 +191,7 @@ class DomainLearner:
 
     def _maybe_adapt(self, stored: int) -> None:
         every = self.settings.auto_adapt_every
-        if every is None or self.on_enough_pairs is None:
+        if not every or self.on_enough_pairs is None:  # None or 0: off
             return
         with self._lock:
             self._pairs_since_adapt += stored
