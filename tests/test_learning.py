@@ -59,7 +59,9 @@ def test_adapt_learns_a_new_domain_from_paid_calls(
 ) -> None:
     texts = stdlib_docstrings(520)
     first, second = texts[:260], texts[260:]
-    embeddings = embedder(recording_proxy, tmp_path / "cache")
+    # 260 texts are too few for the default target (0.99 routes everything here): ask for 0.9.
+    target = AdaptedEmbeddingsSettings(learning={"fidelity_target": 0.9})  # type: ignore[arg-type]
+    embeddings = embedder(recording_proxy, tmp_path / "cache", settings=target)
     parent = embeddings.pipeline.adapter
     assert parent is not None and parent.name == "minilm-l6-to-e5-small"
 
@@ -84,8 +86,8 @@ def test_adapt_learns_a_new_domain_from_paid_calls(
     after = embeddings.embed_with_info(second)
     local = [i for i, r in enumerate(after) if r.route == "local"]
     routed_after = 1 - len(local) / len(second)
-    # The threshold now serves the fidelity target (0.99 of native R@10), so the share
-    # routed follows what the target costs on this domain, not the parent's floor.
+    # The threshold serves the fidelity target, so the share routed follows what the target
+    # costs on this domain, not the parent's floor.
     assert 0.0 < routed_after < 1.0, (routed_before, routed_after)
     # What the user asked for holds on texts adapt() never saw: the returned vectors keep
     # the fidelity the report predicted (R@10 in the index of every text's native vector).
