@@ -59,9 +59,7 @@ def test_adapt_learns_a_new_domain_from_paid_calls(
 ) -> None:
     texts = stdlib_docstrings(520)
     first, second = texts[:260], texts[260:]
-    # 260 texts are too few for the default target (0.99 routes everything here): ask for 0.9.
-    target = AdaptedEmbeddingsSettings(learning={"fidelity_target": 0.9})  # type: ignore[arg-type]
-    embeddings = embedder(recording_proxy, tmp_path / "cache", settings=target)
+    embeddings = embedder(recording_proxy, tmp_path / "cache")  # fidelity target 0.9
     parent = embeddings.pipeline.adapter
     assert parent is not None and parent.name == "minilm-l6-to-e5-small"
 
@@ -204,7 +202,7 @@ def test_the_quality_report_measures_the_local_routes_fidelity(
         hits.append((mine > mine[top1]).sum() < 10)
     assert report.local_fidelity == pytest.approx(np.mean(hits))
     assert report.local_fidelity_low <= report.local_fidelity <= report.local_fidelity_high
-    assert report.fidelity_target == 0.99 and "local-route fidelity" in report.summary()
+    assert report.fidelity_target == 0.9 and "local-route fidelity" in report.summary()
 
 
 @pytest.mark.slow

@@ -160,7 +160,7 @@ class LearningSettings(BaseModel):
         default=0.25, ge=0.0, le=1.0, description="Audit rate while audits are few."
     )
     fidelity_target: float = Field(
-        default=0.99,
+        default=0.9,
         ge=0.5,
         le=1.0,
         description="Share of native retrieval quality wanted on your data: adapt() chooses "

@@ -1,7 +1,7 @@
 """``adapt()``: fit a domain adapter from the pairs the provider was already paid for.
 
 What it aims at is the user's **fidelity target** (``learning.fidelity_target``, default
-0.99): the share of native retrieval quality the returned vectors keep on the user's own
+0.9): the share of native retrieval quality the returned vectors keep on the user's own
 data, as defined in :mod:`adapted_embeddings.learning.fidelity`. The threshold it chooses is
 the lowest call rate whose fidelity meets the target, measured on pairs the judged adapter
 was not fitted on.
