@@ -146,6 +146,9 @@ def run_scenario(
 ) -> dict[str, Any]:
     half = len(texts) // 2
     first, second = texts[:half], texts[half:]
+    # The user's index will hold the whole corpus, which is what the second half is judged
+    # in: adapt() is told so (learning.index_size), as a user would tell it.
+    os.environ["ADAPTED_EMBEDDINGS_LEARNING__INDEX_SIZE"] = str(len(texts))
     with tempfile.TemporaryDirectory() as before_dir, tempfile.TemporaryDirectory() as cache_dir:
         # The control arm: the same stream, the same audits, no adapt().
         baseline = make(Path(before_dir))
@@ -178,6 +181,8 @@ def run_scenario(
         replay_calls = embeddings.stats().provider_requests - calls_before_replay
         quality_report = embeddings.quality_report()
         seconds = time.perf_counter() - started
+
+    del os.environ["ADAPTED_EMBEDDINGS_LEARNING__INDEX_SIZE"]
 
     def summary(results: list[Any]) -> dict[str, Any]:
         vectors = np.stack([r.vector for r in results])

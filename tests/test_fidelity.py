@@ -20,7 +20,7 @@ from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.encoders import SentenceTransformerEncoder
 from adapted_embeddings.errors import AdaptationError
 from adapted_embeddings.learning.adapt import MIN_ADAPT_PAIRS, AdaptOptions, adapt
-from adapted_embeddings.learning.fidelity import FidelityCurve, neighbour_hits
+from adapted_embeddings.learning.fidelity import FidelityCurve, index_weights, neighbour_hits
 from adapted_embeddings.learning.pairs import PairRecord, PairStore
 from adapted_embeddings.learning.plausibility import check_provider_vectors
 from adapted_embeddings.registry import find_adapter
@@ -80,6 +80,30 @@ def test_native_vectors_are_all_hits_and_vectors_of_other_texts_miss(
     assert neighbour_hits(native, native, native, rows).all()
     shuffled = native[np.random.default_rng(0).permutation(len(native))]
     assert neighbour_hits(shuffled, native, native, rows).mean() < 0.1
+
+
+def test_a_larger_index_is_a_harder_one(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter
+) -> None:
+    _, source, native = jeopardy
+    translated, _ = parent.translate(source)
+    rows = np.arange(len(native))
+    plain = neighbour_hits(translated, native, native, rows)
+    # Each row standing for two texts: a hit needs fewer than 5 rows above the neighbour.
+    doubled = neighbour_hits(translated, native, native, rows, np.full(len(native), 2.0))
+    unit = translated / np.linalg.norm(translated, axis=1, keepdims=True)
+    sims = unit @ native.T
+    own = native @ native.T
+    np.fill_diagonal(sims, -np.inf)
+    np.fill_diagonal(own, -np.inf)
+    above = (sims > sims[rows, own.argmax(axis=1)][:, None]).sum(axis=1)
+    np.testing.assert_array_equal(plain, above < 10)
+    np.testing.assert_array_equal(doubled, above < 5)
+    assert doubled.mean() < plain.mean()
+    # learning.index_size scales the pairs to the index the user will search.
+    traffic = np.ones(len(native))
+    assert index_weights(traffic, None) is traffic
+    np.testing.assert_allclose(index_weights(traffic, 2 * len(native)), 2.0)
 
 
 def test_the_curve_routes_the_least_confident_first_and_finds_the_lowest_call_rate() -> None:

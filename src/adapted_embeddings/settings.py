@@ -168,6 +168,13 @@ class LearningSettings(BaseModel):
         "provider's, in an index of your own provider vectors, on pairs not fitted on) "
         "meets it.",
     )
+    index_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="How many vectors your index holds (or will hold), for the fidelity "
+        "measure: R@10 is harder in a larger index. Default: as many as the texts embedded "
+        "so far (estimated from the stored pairs).",
+    )
     guard: bool = Field(
         default=True,
         description="Raise the threshold when audits show the local route below the "

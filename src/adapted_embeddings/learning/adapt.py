@@ -65,6 +65,7 @@ from adapted_embeddings.errors import AdaptationError
 from adapted_embeddings.learning.fidelity import (
     FidelityCurve,
     FidelityPoint,
+    index_weights,
     neighbour_hits,
     routing_threshold,
     traffic_weights,
@@ -285,7 +286,10 @@ def adapt(
 
     base = parent if parent is not None else _blank_adapter(pairs, source, target)
     weights = traffic_weights(pairs, settings)
-    candidate, after, floor = _fit_and_calibrate(base, pairs, weights, options, trusted, goal)
+    judged_in = index_weights(weights, settings.index_size)
+    candidate, after, floor = _fit_and_calibrate(
+        base, pairs, weights, judged_in, options, trusted, goal
+    )
     before = None
     if parent is not None:
         translated, confidence = parent.translate(pairs.source)
@@ -293,7 +297,14 @@ def adapt(
         # what the guard imposes (often everything), not what its scores would suggest.
         in_force = max((parent_thresholds or {}).values(), default=0.0) if not trusted else 0.0
         before = _judge(
-            translated, confidence, pairs, weights, base.target_mean, goal, at_least=in_force
+            translated,
+            confidence,
+            pairs,
+            weights,
+            judged_in,
+            base.target_mean,
+            goal,
+            at_least=in_force,
         )
     report.before, report.after = before, after
     report.threshold, report.expected_fallback_rate = after.threshold, after.fallback_rate
@@ -334,6 +345,7 @@ def _fit_and_calibrate(
     base: Adapter,
     pairs: PairSet,
     weights: np.ndarray,
+    judged_in: np.ndarray,
     options: AdaptOptions,
     trusted: bool,
     goal: float,
@@ -360,7 +372,14 @@ def _fit_and_calibrate(
         hyper = _hyper(models[0]) if models else None
         train = np.flatnonzero(~held)
         model = _fit(
-            base, pairs, train, options, trusted=trusted, traffic=weights[train], hyper=hyper
+            base,
+            pairs,
+            train,
+            options,
+            trusted=trusted,
+            traffic=weights[train],
+            judged_in=judged_in[train],
+            hyper=hyper,
         )
         translated[held], confidence[held] = model.translate(pairs.source[held])
         models.append(model)
@@ -370,7 +389,7 @@ def _fit_and_calibrate(
     for fold in range(options.folds):
         held = np.flatnonzero(folds == fold)
         ranks[held] = (np.argsort(np.argsort(confidence[held])) + 0.5) / len(held)
-    after = _judge(translated, ranks, pairs, weights, base.target_mean, goal)
+    after = _judge(translated, ranks, pairs, weights, judged_in, base.target_mean, goal)
     quality = centred_cosine_rows(translated, pairs.target, base.target_mean)
     local = ranks >= after.threshold
     kept = local if local.any() else np.ones(len(pairs), dtype=bool)
@@ -393,6 +412,7 @@ def _judge(
     confidence: np.ndarray,
     pairs: PairSet,
     weights: np.ndarray,
+    judged_in: np.ndarray,
     mean: np.ndarray,
     goal: float,
     *,
@@ -403,7 +423,7 @@ def _judge(
     The threshold is the lowest meeting ``goal``, or ``at_least`` where that is higher.
     """
     rows = np.arange(len(pairs))
-    hits = neighbour_hits(translated, pairs.target, pairs.target, rows, weights)
+    hits = neighbour_hits(translated, pairs.target, pairs.target, rows, judged_in)
     curve = FidelityCurve(confidence, hits, weights)
     point: FidelityPoint = curve.threshold_for(goal)
     if at_least > point.threshold:
@@ -480,13 +500,16 @@ def _fit(
     *,
     trusted: bool,
     traffic: np.ndarray | None = None,
+    judged_in: np.ndarray | None = None,
     hyper: tuple[float, float] | None = None,
 ) -> Adapter:
     """Refit ``parent``'s decoder, OOD gate and quality head on the pairs ``rows``.
 
-    ``traffic`` (:func:`traffic_weights` of ``rows``) makes the novelty statistics describe
-    the traffic, not just the stored pairs: an audit stands for the local texts it was drawn
-    among, so texts like the ones the parent kept local are not called novel. ``hyper``
+    ``traffic`` (:func:`traffic_weights` of ``rows``) makes the decoder fit and the novelty
+    statistics describe the traffic, not just the stored pairs: an audit stands for the
+    local texts it was drawn among, so texts like the ones the parent kept local are not
+    called novel. ``judged_in`` weighs the index the quality head's hits are counted in
+    (:func:`index_weights`). ``hyper``
     fixes the (ridge, replay share) instead of choosing them on an inner split, so the
     out-of-fold fits repeat the first one's procedure.
     """
@@ -534,7 +557,7 @@ def _fit(
         held = folds == fold
         fold_decoder = system.solve(ridge, replay_share, rows=~held)
         predicted[held] = user_features[held] @ fold_decoder + bias
-    hits = neighbour_hits(predicted, user_target, user_target, np.arange(len(rows)), traffic)
+    hits = neighbour_hits(predicted, user_target, user_target, np.arange(len(rows)), judged_in)
 
     repeats = np.ones(len(rows), int) if traffic is None else np.clip(np.rint(traffic), 1, 50)
     traffic_centred = np.repeat(centred, repeats.astype(int), axis=0)

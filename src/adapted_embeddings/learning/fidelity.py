@@ -4,7 +4,8 @@ The measure, in the user's terms. Take held-out pairs (texts the provider embedd
 native vectors are known, that were not used to fit or calibrate what is judged). The
 *index* is the user's own provider vectors: every stored pair's native vector, each
 weighted by the texts of the traffic it stands for (:func:`traffic_weights`), so the
-index judged is the size and make-up of the traffic seen, not of the stored sample. For each
+index judged is the size and make-up of the traffic seen (or of ``learning.index_size``
+vectors, :func:`index_weights`), not of the stored sample. For each
 held-out text, the pipeline returns either its local (adapted) vector, when the confidence
 reaches the threshold, or the native vector, when the text is routed. The text is a *hit*
 when its native nearest neighbour in the index (itself excluded) is among the top 10 that
@@ -100,6 +101,18 @@ def traffic_weights(pairs: PairSet, settings: LearningSettings) -> np.ndarray:
         rate = warm_rate if earlier < settings.warmup_audits else settings.audit_rate
         weights[row] = 1.0 / rate if rate > 0 else 1.0
     return weights
+
+
+def index_weights(traffic: np.ndarray, index_size: int | None) -> np.ndarray:
+    """What each stored pair counts for in the index the hits are judged in.
+
+    Its traffic weight, scaled so the pairs stand for ``index_size`` vectors (the user's
+    index, ``learning.index_size``) rather than for the traffic seen so far: in an index
+    ``s`` times larger, about ``s`` times as many vectors outrank a text's neighbour.
+    """
+    if index_size is None or not traffic.sum():
+        return traffic
+    return traffic * (index_size / float(traffic.sum()))
 
 
 def wilson_interval(hits: float, n: float) -> tuple[float, float]:
@@ -236,6 +249,7 @@ __all__ = [
     "FidelityCurve",
     "FidelityPoint",
     "K",
+    "index_weights",
     "neighbour_hits",
     "routing_threshold",
     "traffic_weights",

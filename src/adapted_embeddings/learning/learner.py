@@ -20,6 +20,7 @@ from adapted_embeddings.errors import PairStoreError
 from adapted_embeddings.learning.audit import AuditTracker, QualityReport
 from adapted_embeddings.learning.fidelity import (
     K,
+    index_weights,
     neighbour_hits,
     traffic_weights,
     wilson_interval,
@@ -142,7 +143,7 @@ class DomainLearner:
         result = None
         if len(rows) and len(pairs) > K + 1:
             translated, _ = adapter.translate(pairs.source[rows])
-            weights = traffic_weights(pairs, self.settings)
+            weights = index_weights(traffic_weights(pairs, self.settings), self.settings.index_size)
             hits = neighbour_hits(translated, pairs.target[rows], pairs.target, rows, weights)
             low, high = wilson_interval(int(hits.sum()), len(hits))
             result = (float(hits.mean()), low, high)
