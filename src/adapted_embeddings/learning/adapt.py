@@ -83,7 +83,6 @@ _REPLAY_SHARES = (1.0, 0.25, 0.0)
 _SHA_PLACEHOLDER = "0" * 64
 CURVE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
 _ROWS_PER_OOD_DIRECTION = 10
-_MAX_ROW_WEIGHT = 10.0
 
 MIN_ADAPT_PAIRS = 100
 """Fewest stored pairs ``adapt()`` accepts, warm or cold start: the one minimum.
@@ -540,12 +539,10 @@ def _fit(
     # parent already gets right costs nothing.
     scale = np.linalg.norm(coefficients @ decoder + bias, axis=1, keepdims=True)
     user_goal = l2_normalize(user_target) * scale - bias
-    # Rows weighted by the traffic they stand for (capped, so a few audits cannot dominate):
-    # fitted on the routed texts alone, a decoder drifts away from what the parent did well
-    # on the texts it kept local.
-    row_weights = None if traffic is None else np.clip(traffic, 1.0, _MAX_ROW_WEIGHT)
+    # Rows weighted by the traffic they stand for: fitted on the routed texts alone, a
+    # decoder drifts away from what the parent did well on the texts it kept local.
     system = _DecoderSystem(
-        user_features, user_goal, replay_features, replay_goal, prior, replay_weight, row_weights
+        user_features, user_goal, replay_features, replay_goal, prior, replay_weight, traffic
     )
     ridge, replay_share = hyper or system.choose(user_target, bias, rng)
 
