@@ -151,11 +151,12 @@ def test_a_bad_setting_is_one_line_naming_the_variable_exit_2(
         assert "--mode local to stay offline" not in result.stderr  # no unrelated hint
 
 
-def test_list_escapes_control_characters_in_user_adapter_names(
-    runner: CliRunner, ada_adapter: RegistryEntry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def plant_user_adapter(
+    ada_adapter: RegistryEntry, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A copy of the bundled adapter named ``name`` in a user adapter directory (returned)."""
     manifest = json.loads((ada_adapter.path / "adapter.json").read_text())
-    manifest["name"] = "evil\rname\x1b[2Jx"
+    manifest["name"] = name
     user_dir = tmp_path / "user-adapters"
     (user_dir / "evil").mkdir(parents=True)
     (user_dir / "evil" / "adapter.json").write_text(json.dumps(manifest))
@@ -163,6 +164,13 @@ def test_list_escapes_control_characters_in_user_adapter_names(
         (ada_adapter.path / "model.safetensors").read_bytes()
     )
     monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_DIRS", str(user_dir))
+    return user_dir
+
+
+def test_list_escapes_control_characters_in_user_adapter_names(
+    runner: CliRunner, ada_adapter: RegistryEntry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_dir = plant_user_adapter(ada_adapter, tmp_path, "evil\rname\x1b[2Jx", monkeypatch)
     for command in (["list"], ["registry"], ["info", str(user_dir / "evil")]):
         result = invoke(runner, command)
         assert result.exit_code == 0, result.stderr
@@ -247,12 +255,7 @@ def test_unknown_adapter_lists_the_available_ones_one_per_line(runner: CliRunner
 def test_a_user_adapter_name_cannot_forge_a_line_of_the_list(
     runner: CliRunner, ada_adapter: RegistryEntry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = json.loads((ada_adapter.path / "adapter.json").read_text())
-    manifest["name"] = "evil\nError: forged\x1b[2J"
-    user_dir = tmp_path / "user-adapters"
-    (user_dir / "evil").mkdir(parents=True)
-    (user_dir / "evil" / "adapter.json").write_text(json.dumps(manifest))
-    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ADAPTER_DIRS", str(user_dir))
+    plant_user_adapter(ada_adapter, tmp_path, "evil\nError: forged\x1b[2J", monkeypatch)
     result = invoke(runner, ["info", "nope"])
     assert "evil\\nError: forged\\x1b[2J [mlp]" in result.stderr
     assert "\x1b" not in result.stderr
