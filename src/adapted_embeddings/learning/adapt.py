@@ -31,12 +31,15 @@ neighbour in the top 10, i.e. the fidelity measure itself.
 Cold start (no adapter yet): the same fit from a blank adapter whose basis is the source
 space itself, i.e. a ridge map from the pairs alone, usable from :data:`MIN_ADAPT_PAIRS`.
 
-Calibration and the decision. Every pair is scored out of fold: the whole fit is repeated
-``folds`` times, each time without one fold, which is then translated and scored. The
-threshold is chosen on those out-of-fold scores, and the candidate is used **only if it is
-better** than the current adapter on the same pairs (which the current adapter never
-learned from): a lower call rate at the fidelity target, or a higher fidelity at 0% routed.
-The report says why when it is not.
+Calibration and the decision. Every pair is scored out of fold: the fit is repeated
+``folds`` times, each time without one fold, which is then translated and scored; the
+candidate is the first of those fits, and its threshold is read off its own held-out fold
+at the share routed that the pooled scores chose. Every pair counts for the traffic it
+stands for (:func:`~adapted_embeddings.learning.fidelity.traffic_weights`), in an index of
+``learning.index_size`` vectors. The candidate is used **only if it is better** than the
+current adapter on the same pairs (which the current adapter never learned from): a lower
+call rate at the fidelity target, or a routing curve higher on average. The report says
+why when it is not.
 """
 
 from __future__ import annotations
