@@ -272,6 +272,28 @@ def test_a_full_disk_is_an_adaptation_error_and_leaves_nothing(
     assert list((store.directory / "adapters").iterdir()) == []
 
 
+def test_a_writer_never_replaces_a_directory_that_appeared_after_its_check(
+    parent: Adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other writer's directory appears between write_adapter's existence check and its
+    # rename (staged deterministically here: the window is microseconds wide).
+    import tempfile
+
+    target = tmp_path / "adapter-v1"
+    real_mkdtemp = tempfile.mkdtemp
+
+    def other_writer_first(*args: object, **keywords: object) -> str:
+        target.mkdir()
+        (target / "adapter.json").write_text("the other writer's")
+        return real_mkdtemp(*args, **keywords)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", other_writer_first)
+    with pytest.raises(FileExistsError, match="written concurrently"):
+        parent.save(target)
+    assert (target / "adapter.json").read_text() == "the other writer's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-v1"]  # no staging left
+
+
 def _adapt_in_process(directory: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     parent = Adapter.load(find_adapter(source="all-MiniLM-L6-v2", target="ada-002").path)
     store = PairStore(Path(directory) / "store")

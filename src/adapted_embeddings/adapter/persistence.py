@@ -286,7 +286,7 @@ def write_adapter(
         for written in (manifest.weights_file, MANIFEST_FILE):
             os.chmod(staging / written, 0o600 if private else 0o644)
         os.chmod(staging, 0o700 if private else 0o755)
-        if directory.exists():
+        if overwrite and directory.exists():
             backup = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
             directory.rename(backup)
@@ -295,7 +295,8 @@ def write_adapter(
         else:
             try:
                 staging.rename(directory)
-            except OSError as exc:  # another writer's directory appeared after the check
+            except OSError as exc:  # another writer's directory appeared after the check:
+                # rename(2) never replaces a non-empty directory, so only one writer wins
                 if directory.exists():
                     raise FileExistsError(
                         f"adapter directory {directory} already exists (written concurrently)"
