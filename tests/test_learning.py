@@ -380,11 +380,19 @@ def test_automatic_mode_adapts_in_the_background(
     for start in range(0, len(texts), 30):
         embeddings.embed_documents(texts[start : start + 30])  # never waits for a refit
     deadline = time.monotonic() + 180
-    while embeddings.pipeline.adapter is parent and time.monotonic() < deadline:
+    while embeddings.pipeline.last_adaptation is None and time.monotonic() < deadline:
         time.sleep(0.5)
+    report = embeddings.pipeline.last_adaptation
+    assert report is not None, "no automatic adapt() ran"
+    assert report.pairs_used >= 120 and report.after is not None
+    # It switches only when the out-of-fold check says the candidate is better (with ~120
+    # random audits and fallbacks, that varies from run to run): either way it is honoured.
     adapted = embeddings.pipeline.adapter
-    assert adapted is not parent and adapted is not None
-    assert adapted.name.startswith("minilm-l6-to-e5-small-adapted-v")
+    if report.switched:
+        assert adapted is report.adapter and adapted is not None
+        assert adapted.name.startswith("minilm-l6-to-e5-small-adapted-v")
+    else:
+        assert adapted is parent and "not better" in report.reason, report.reason
 
 
 def test_the_lowest_threshold_meeting_a_floor() -> None:

@@ -186,6 +186,8 @@ class EmbeddingPipeline:
         self._stats = PipelineStats()
         self._stats_lock = threading.Lock()
         self._adapt_lock = threading.Lock()
+        self.last_adaptation: AdaptationReport | None = None
+        """The report of the latest adapt(), called or automatic (None before any)."""
         # Concurrent callers (threads, tasks, processes sharing the cache directory) that
         # miss the cache for the same text pay for it once: see singleflight.py.
         self._flights = SingleFlight(cache) if cache is not None else None
@@ -379,6 +381,7 @@ class EmbeddingPipeline:
             )
             if report.switched and report.adapter is not None:
                 self.use_adapter(report.adapter)
+            self.last_adaptation = report
         return report
 
     def use_adapter(self, adapter: Adapter) -> None:
