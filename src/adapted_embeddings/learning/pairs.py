@@ -285,7 +285,7 @@ class PairStore:
             connection = sqlite3.connect(
                 self.path, timeout=60, isolation_level=None, check_same_thread=False
             )
-            connection.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(connection)
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.executescript(_SCHEMA)
             version = connection.execute(
@@ -459,6 +459,27 @@ class PairStore:
                     damaged.rename(f"{self.path}.damaged-{stamp}{suffix}")
             logger.warning("pair store %s was damaged; moved aside and started anew", self.path)
         self._connect()
+
+
+_WAL_SWITCH_SECONDS = 60.0
+
+
+def _enable_wal(connection: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting while another process holds the lock.
+
+    SQLite does not call the busy handler for a journal-mode change, so two processes
+    opening a new store at once could fail with "database is locked" (seen in CI): retry
+    for as long as the connection's own timeout.
+    """
+    deadline = time.monotonic() + _WAL_SWITCH_SECONDS
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _stack(vectors: list[np.ndarray], width: int) -> np.ndarray:
