@@ -108,3 +108,11 @@ class PairStoreError(AdaptedEmbeddingsError, RuntimeError):
 
 class AdaptationError(AdaptedEmbeddingsError, RuntimeError):
     """``adapt()`` cannot fit a domain adapter (e.g. too few stored pairs)."""
+
+
+class StoreSchemaError(ConfigurationError):
+    """The shared store's schema was created by a newer version of this library.
+
+    An older node never reads or writes a layout it does not know; the message names the
+    store (password masked), both versions and the setting that chose the store.
+    """

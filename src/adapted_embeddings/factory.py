@@ -406,6 +406,10 @@ def _cached_cache(directory: str, size_limit_mb: int, store_text: bool) -> Embed
 
 
 def _open_cache(settings: AdaptedEmbeddingsSettings) -> EmbeddingCache:
+    if settings.store.url is not None:  # a fleet: this disk in front of the shared store
+        from adapted_embeddings.store import open_shared_cache
+
+        return open_shared_cache(settings)
     config = settings.cache
     with _shared_lock:
         return _cached_cache(str(config.directory), config.size_limit_mb, config.store_text)

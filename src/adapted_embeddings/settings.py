@@ -211,6 +211,36 @@ class LearningSettings(BaseModel):
     )
 
 
+class StoreSettings(BaseModel):
+    """A store shared by a fleet of nodes (PostgreSQL); unset, everything stays on local disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://... URL of the shared store: provider vectors are then "
+        "shared by every node using it (the local disk cache stays as a first tier and a "
+        "fallback). A SecretStr, as it may hold a password.",
+    )
+    connect_timeout: float = Field(
+        default=2.0, gt=0, description="Seconds to wait for a connection before serving without it."
+    )
+    statement_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds a store query may run before it counts as a failure.",
+    )
+    retry_seconds: float = Field(
+        default=1.0, gt=0, description="After a failure, how long to serve from local tiers only."
+    )
+    pending_writes: int = Field(
+        default=10_000,
+        ge=0,
+        description="Provider vectors kept in memory while the store is unreachable, written "
+        "when it returns (the oldest are dropped past this; they stay in the local cache).",
+    )
+
+
 class AdaptedEmbeddingsSettings(BaseSettings):
     """Every setting of the library. Constructor arguments of the integrations override these."""
 
@@ -243,6 +273,7 @@ class AdaptedEmbeddingsSettings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     provider: ProviderSettings = Field(default_factory=ProviderSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @classmethod
     def load(cls, **values: Any) -> AdaptedEmbeddingsSettings:

