@@ -1,12 +1,15 @@
-"""The README's pasted outputs, and how a test compares one with what the code prints now.
+"""The pasted outputs of README.md and docs/, and how a test compares one with the code's now.
 
-A fenced block right after an HTML comment ``<!-- output: WHAT -->`` in README.md is real
-output that a test regenerates (tests/test_readme.py, and tests/test_cookbook.py for the
-cookbook scripts). ``WHAT`` says how:
+A fenced block right after an HTML comment ``<!-- output: WHAT -->`` in README.md or a page
+under docs/ is real output that a test regenerates (tests/test_readme.py, tests/test_docs.py
+for the Python examples, and tests/test_cookbook.py for the cookbook scripts). ``WHAT`` says
+how:
 
 - ``console``: a console session. Every ``$ `` line is run; the lines up to the next ``$ ``
   are its output (stdout and stderr), and a last line ``(exit code N)`` its exit code.
 - ``python cookbook/NN_name.py ARGS``: that script's stdout.
+- ``the python above`` (``node``, ``bash``): what the example just before it printed
+  (tests/test_docs.py).
 - any other command: its stdout and stderr.
 
 Only what cannot be the same from one run or machine to the next is normalised: loopback
@@ -26,7 +29,16 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+EXAMPLE_ABOVE = re.compile(r"the (?P<language>python|node|bash) above")
+"""How a page marks what the example just before it printed (run by tests/test_docs.py)."""
+
+
+def documented_pages() -> list[Path]:
+    """README.md and every page of the documentation site."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
 
 _BLOCK = re.compile(
     r"^<!-- output: (?P<what>.+?) -->\n```[a-z]*\n(?P<text>.*?)^```$", re.MULTILINE | re.DOTALL
@@ -45,20 +57,31 @@ ALWAYS_VOLATILE = (
 
 @dataclass(frozen=True)
 class ReadmeOutput:
-    """One pasted output: what produced it, the text, and the README line it starts on."""
+    """One pasted output: what produced it, the text, and the page and line it starts on."""
 
     what: str
     text: str
     line: int
+    page: Path = README
+
+    @property
+    def where(self) -> str:
+        """``docs/page.md line N``, for messages."""
+        return f"{self.page.relative_to(ROOT)} line {self.line}"
 
 
-def readme_outputs() -> list[ReadmeOutput]:
-    """Every marked output block in README.md, in order."""
-    readme = README.read_text(encoding="utf-8")
-    return [
-        ReadmeOutput(match["what"], match["text"], readme.count("\n", 0, match.start("text")) + 1)
-        for match in _BLOCK.finditer(readme)
-    ]
+def readme_outputs(pages: Iterable[Path] | None = None) -> list[ReadmeOutput]:
+    """Every marked output block in README.md and docs/ (or in ``pages``), in order."""
+    found = []
+    for page in documented_pages() if pages is None else pages:
+        text = page.read_text(encoding="utf-8")
+        found += [
+            ReadmeOutput(
+                match["what"], match["text"], text.count("\n", 0, match.start("text")) + 1, page
+            )
+            for match in _BLOCK.finditer(text)
+        ]
+    return found
 
 
 def cookbook_output(script: str) -> tuple[ReadmeOutput, list[str]]:
@@ -68,7 +91,7 @@ def cookbook_output(script: str) -> tuple[ReadmeOutput, list[str]]:
         for block in readme_outputs()
         if (match := COOKBOOK_COMMAND.fullmatch(block.what)) and match["script"] == script
     ]
-    assert len(found) == 1, f"README.md needs one <!-- output: python cookbook/{script} ... -->"
+    assert len(found) == 1, f"docs/ needs one <!-- output: python cookbook/{script} ... -->"
     block, match = found[0]
     return block, shlex.split(match["args"])
 
@@ -78,7 +101,7 @@ def assert_same_output(actual: str, block: ReadmeOutput, *, volatile: Iterable[s
 
     Args:
         actual: What the code prints now.
-        block: The README's pasted output.
+        block: The pasted output (README.md or a page in docs/).
         volatile: Regular expressions for spans whose numbers differ from run to run
             (timings): the numbers inside them are not compared.
 
@@ -91,10 +114,10 @@ def assert_same_output(actual: str, block: ReadmeOutput, *, volatile: Iterable[s
     ):
         return
     diff = "\n".join(
-        difflib.unified_diff(expected_lines, actual_lines, "README.md", "now", n=1, lineterm="")
+        difflib.unified_diff(expected_lines, actual_lines, block.where, "now", n=1, lineterm="")
     )
     pytest.fail(
-        f"README.md line {block.line} (<!-- output: {block.what} -->) no longer matches what "
+        f"{block.where} (<!-- output: {block.what} -->) no longer matches what "
         f"the code prints:\n{diff}\n\nThe whole output now:\n{actual}",
         pytrace=False,
     )

