@@ -116,3 +116,7 @@ class StoreSchemaError(ConfigurationError):
     An older node never reads or writes a layout it does not know; the message names the
     store (password masked), both versions and the setting that chose the store.
     """
+
+
+class UsageLedgerError(AdaptedEmbeddingsError, RuntimeError):
+    """The usage ledger (what was embedded, paid and avoided) cannot be read or written."""

@@ -44,6 +44,7 @@ from adapted_embeddings.settings import (
 )
 from adapted_embeddings.settings_check import describe_setting
 from adapted_embeddings.spaces import EmbeddingSpace
+from adapted_embeddings.usage.ledger import open_ledger
 
 if TYPE_CHECKING:
     from adapted_embeddings.learning.adapt import AdaptationReport, AdaptOptions
@@ -283,6 +284,7 @@ def build_pipeline(
         gate=settings.gate,
         target=target,
         learner=learner,
+        ledger=open_ledger(settings),
     )
 
 

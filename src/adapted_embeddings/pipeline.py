@@ -42,11 +42,13 @@ from adapted_embeddings.singleflight import SingleFlight
 from adapted_embeddings.spaces import EmbeddingSpace, ensure_same_space
 from adapted_embeddings.text_checks import check_encodable
 from adapted_embeddings.types import ROLES, Role, Route
+from adapted_embeddings.usage.ledger import CallUsage
 
 if TYPE_CHECKING:
     from adapted_embeddings.learning.adapt import AdaptationReport, AdaptOptions
     from adapted_embeddings.learning.audit import QualityReport
     from adapted_embeddings.learning.learner import DomainLearner
+    from adapted_embeddings.usage.ledger import UsageLedger
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,7 @@ class EmbeddingPipeline:
         gate: GateSettings,
         target: EmbeddingSpace | None = None,
         learner: DomainLearner | None = None,
+        ledger: UsageLedger | None = None,
     ) -> None:
         """Check that the parts fit together.
 
@@ -150,6 +153,7 @@ class EmbeddingPipeline:
             gate: Mode, thresholds, provider-error policy.
             target: The target space; required when ``adapter`` is None.
             learner: Pair store, audits and guard; None turns learning off.
+            ledger: Where usage is counted (:mod:`adapted_embeddings.usage`); None: nowhere.
 
         Raises:
             SpaceMismatchError: If the encoder, adapter and provider spaces disagree.
@@ -182,6 +186,7 @@ class EmbeddingPipeline:
         self.cache = cache
         self.gate = gate
         self.learner = learner
+        self.ledger = ledger
         self._space = target
         self._stats = PipelineStats()
         self._stats_lock = threading.Lock()
@@ -193,6 +198,10 @@ class EmbeddingPipeline:
         self._flights = SingleFlight(cache) if cache is not None else None
         if learner is not None:
             learner.on_enough_pairs = self._adapt_in_background
+            if ledger is not None:
+                learner.on_guard_trip = lambda adapter: ledger.note_event(
+                    space=target.id, adapter=adapter.id, guard_trips=1
+                )
 
     @property
     def space(self) -> EmbeddingSpace:
@@ -231,7 +240,7 @@ class EmbeddingPipeline:
         for start, stop in bounds:
             with _chunk_errors(positions, start):
                 results += self._embed_once(unique[start:stop], role)
-        return self._spread(results, positions)
+        return self._spread(results, positions, unique, role)
 
     async def aembed(self, texts: Sequence[str], role: Role = "document") -> list[EmbeddingResult]:
         """Async :meth:`embed`: local work runs in a thread, provider calls use the async client."""
@@ -243,10 +252,14 @@ class EmbeddingPipeline:
         for start, stop in bounds:
             with _chunk_errors(positions, start):
                 results += await self._aembed_once(unique[start:stop], role)
-        return self._spread(results, positions)
+        return self._spread(results, positions, unique, role)
 
     def _spread(
-        self, unique_results: list[EmbeddingResult], positions: list[int]
+        self,
+        unique_results: list[EmbeddingResult],
+        positions: list[int],
+        unique_texts: list[str],
+        role: Role,
     ) -> list[EmbeddingResult]:
         """One result per input from one per distinct text, each with its own vector copy.
 
@@ -254,14 +267,19 @@ class EmbeddingPipeline:
         route, as a single pass counts them.
         """
         seen: set[int] = set()
-        ordered, repeats = [], []
+        ordered, repeats, repeated = [], [], []
         for u in positions:
             result = unique_results[u]
             if u in seen:
                 result = replace(result, vector=np.array(result.vector, dtype=np.float32))
                 repeats.append(result.route)
+                repeated.append(u)
             seen.add(u)
             ordered.append(result)
+        if repeated:  # the ledger counts them too, as served
+            results: list[EmbeddingResult | None] = list(unique_results)
+            plan = _Plan(role, self.adapter, unique_texts, repeated, [], [], results)
+            self._note_usage(plan, None, failed=0, pairs=[])
         with self._stats_lock:
             self._stats.texts += len(repeats)
             self._stats.cache_hits += repeats.count("cache")
@@ -391,6 +409,8 @@ class EmbeddingPipeline:
         previous, self.adapter = self.adapter, adapter
         if previous is not None and self.learner is not None:
             self.learner.forget_adapter(previous.id)
+        if self.ledger is not None:
+            self.ledger.note_event(space=self.space.id, adapter=adapter.id, adapter_switches=1)
         logger.info("pipeline now uses adapter %s", adapter.name)
 
     def _adapt_in_background(self) -> None:
@@ -653,11 +673,11 @@ class EmbeddingPipeline:
         failed_set = set(failed)
         failed_inputs = sum(u in failed_set for u in plan.positions)
         if failed and self.gate.on_provider_error == "raise":
-            self._count(plan, outcome, degraded=0, failed=failed_inputs)
+            self._count(plan, outcome, degraded=0, failed=failed_inputs, pairs=pairs)
             raise self._provider_error(plan, outcome, failed)
         if failed:
             self._degrade(plan, outcome, failed)
-        self._count(plan, outcome, degraded=failed_inputs, failed=0)
+        self._count(plan, outcome, degraded=failed_inputs, failed=0, pairs=pairs)
         return _in_input_order(plan)
 
     def _pair(self, plan: _Plan, u: int, vector: np.ndarray) -> PairRecord:
@@ -721,7 +741,13 @@ class EmbeddingPipeline:
         )
 
     def _count(
-        self, plan: _Plan, outcome: ProviderOutcome | None, *, degraded: int, failed: int
+        self,
+        plan: _Plan,
+        outcome: ProviderOutcome | None,
+        *,
+        degraded: int,
+        failed: int,
+        pairs: list[PairRecord],
     ) -> None:
         results = [plan.results[u] for u in plan.positions]
         routes = [getattr(r, "route", None) for r in results]
@@ -737,6 +763,47 @@ class EmbeddingPipeline:
             if outcome is not None:
                 stats.provider_requests += outcome.requests
                 stats.provider_tokens += outcome.tokens
+        self._note_usage(plan, outcome, failed=failed, pairs=pairs)
+
+    def _note_usage(
+        self,
+        plan: _Plan,
+        outcome: ProviderOutcome | None,
+        *,
+        failed: int,
+        pairs: list[PairRecord],
+    ) -> None:
+        """Hand the call's usage to the ledger: a list append; it is counted off-thread."""
+        if self.ledger is None:
+            return
+        unpaid: dict[str, list[str]] = {}
+        provider = 0
+        for u in plan.positions:
+            route = getattr(plan.results[u], "route", None)
+            if route == "provider":
+                provider += 1
+            elif route is not None:
+                unpaid.setdefault(route, []).append(plan.unique_texts[u])
+        agreements = [p.agreement for p in pairs if p.agreement is not None]
+        adapter, learner = plan.adapter, self.learner
+        floor = None
+        if agreements and adapter is not None and learner is not None:
+            floor = learner.tracker(adapter).floor.poor_below
+        self.ledger.note(
+            CallUsage(
+                space=self.space.id,
+                adapter=adapter.id if adapter is not None else "none",
+                role=plan.role,
+                unpaid=unpaid,
+                provider=provider,
+                provider_texts=len(outcome.vectors) if outcome is not None else 0,
+                provider_requests=outcome.requests if outcome is not None else 0,
+                provider_tokens=outcome.tokens if outcome is not None else 0,
+                failed=failed,
+                agreements=agreements,
+                poor_below=floor,
+            )
+        )
 
     def _result(
         self, vector: np.ndarray, confidence: float | None, route: Route

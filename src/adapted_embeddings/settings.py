@@ -255,6 +255,30 @@ class StoreSettings(BaseModel):
     )
 
 
+class UsageSettings(BaseModel):
+    """The usage ledger beside the cache: texts, tokens, cost and audits per hour, no text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=True, description="Keep the ledger (needs the cache; counts only, never text)."
+    )
+    flush_seconds: float = Field(
+        default=5.0, gt=0, description="How often the background thread writes the counts."
+    )
+    hourly_days: int = Field(
+        default=14, ge=1, description="Hourly rows older than this many days roll up into days."
+    )
+    retention_days: int = Field(
+        default=400, ge=1, description="Daily rows older than this many days are dropped."
+    )
+    prices: dict[str, float] = Field(
+        default_factory=dict,
+        description="USD per 1M tokens by model name, over the built-in OpenAI list prices, "
+        'e.g. {"text-embedding-3-small": 0.01}.',
+    )
+
+
 class AdaptedEmbeddingsSettings(BaseSettings):
     """Every setting of the library. Constructor arguments of the integrations override these."""
 
@@ -287,6 +311,7 @@ class AdaptedEmbeddingsSettings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     provider: ProviderSettings = Field(default_factory=ProviderSettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
 
     @classmethod

@@ -59,6 +59,8 @@ class DomainLearner:
         self._pairs_since_adapt = 0
         self._adapting = threading.Event()
         self.on_enough_pairs: Callable[[], None] | None = None
+        self.on_guard_trip: Callable[[Adapter], None] | None = None
+        """Called when audits make the guard raise ``adapter``'s threshold (the usage ledger)."""
         self.pairs_stored = 0
         self._fidelity_key: tuple[str, int] | None = None
         self._fidelity: tuple[float, float, float] | None = None
@@ -160,7 +162,11 @@ class DomainLearner:
                 for p in pairs
                 if p.kind == "audit" and p.agreement is not None
             ]
-            self.tracker(adapter).record(audits)
+            tracker = self.tracker(adapter)
+            before = tracker.raised_threshold
+            tracker.record(audits)
+            if tracker.raised_threshold != before and self.on_guard_trip is not None:
+                self.on_guard_trip(adapter)
         if not self.learning:
             return
         assert self.store is not None
