@@ -57,13 +57,19 @@ def fill(store: PairStore, parent: Adapter, source: np.ndarray, target: np.ndarr
     )
 
 
-def run_adapt(store: PairStore, parent: Adapter | None, space: Adapter, **options: object):  # type: ignore[no-untyped-def]
+def run_adapt(  # type: ignore[no-untyped-def]
+    store: PairStore,
+    parent: Adapter | None,
+    space: Adapter,
+    index_size: int | None = None,
+    **options: object,
+):
     return adapt(
         store,
         parent=parent,
         source=space.source,
         target=space.target,
-        settings=LearningSettings(),
+        settings=LearningSettings(index_size=index_size),
         options=AdaptOptions(**options),  # type: ignore[arg-type]
         adapter_dir=store.directory / "adapters",
     )
@@ -153,15 +159,20 @@ def test_cold_start_serves_part_of_the_traffic_locally_from_250_paid_texts(
     _, source, native = jeopardy
     store = PairStore(tmp_path)
     fill(store, parent, source[:250], native[:250])
-    report = run_adapt(store, None, parent, fidelity_target=0.9)
+    # The user's index will hold all 600 texts (learning.index_size): R@10 is harder in a
+    # larger index, so adapt() calibrates for that one, not for the 250 pairs it has.
+    report = run_adapt(store, None, parent, index_size=PAIRS, fidelity_target=0.9)
     assert report.switched and report.adapter is not None and report.path is not None
-    assert report.adapter.flavor == "linear" and report.threshold is not None
+    assert report.after is not None and report.threshold is not None
+    assert report.adapter.flavor == "linear"
+    assert report.adapter.manifest.architecture.memory_rows > 0
     translated, confidence = report.adapter.translate(source[250:])
     hits = neighbour_hits(translated, native[250:], native, np.arange(250, PAIRS))
     measured = FidelityCurve(confidence, hits).at(report.threshold)
-    assert measured.routed < 1.0, measured  # a part of the traffic stays local ...
-    # ... at the target: judged in an index 2.4 times the one calibrated in, where R@10 is
-    # harder (see the README's note on index size).
+    # A good part of the traffic stays local (measured: 39%, predicted 39%) ...
+    assert measured.routed < 0.8, measured
+    assert abs(measured.routed - report.after.fallback_rate) < 0.15, (measured, report.after)
+    # ... at the target, on texts adapt() never saw (measured 0.911 [0.877, 0.937]).
     assert measured.high >= 0.9, measured
 
 

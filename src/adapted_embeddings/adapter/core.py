@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from adapted_embeddings.adapter.manifest import AdapterManifest
-from adapted_embeddings.adapter.network import expected_shapes, forward, prepare
+from adapted_embeddings.adapter.memory import apply_memory
+from adapted_embeddings.adapter.network import coverage, expected_shapes, forward, prepare
 from adapted_embeddings.adapter.persistence import (
     read_manifest,
     read_weights,
@@ -180,7 +181,6 @@ class Adapter:
         """
         single = np.ndim(source_vectors) == 1
         batch = self.source.check_vectors(source_vectors, what="source vectors")
-        arch = self.manifest.architecture
         counts = None
         if token_counts is not None:
             counts = np.atleast_1d(np.asarray(token_counts, dtype=np.float32))
@@ -189,13 +189,11 @@ class Adapter:
                     f"token_counts has shape {counts.shape}, expected ({len(batch)},)"
                 )
         if len(batch) <= _CHUNK_ROWS:
-            vectors, confidence = forward(batch, self._prepared, arch, counts)
+            vectors, confidence = self._forward(batch, counts)
         else:
             parts = [
-                forward(
+                self._forward(
                     batch[start : start + _CHUNK_ROWS],
-                    self._prepared,
-                    arch,
                     None if counts is None else counts[start : start + _CHUNK_ROWS],
                 )
                 for start in range(0, len(batch), _CHUNK_ROWS)
@@ -204,6 +202,20 @@ class Adapter:
             confidence = np.concatenate([p[1] for p in parts])
         if single:
             return vectors[0], confidence[0]
+        return vectors, confidence
+
+    def _forward(
+        self, batch: np.ndarray, counts: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        arch = self.manifest.architecture
+        if not arch.memory_rows:
+            return forward(batch, self._prepared, arch, counts)
+        # With a memory, its head refines the network's own confidence, and the share of the
+        # text the source read scales the result (as it scales the confidence without one).
+        vectors, confidence = forward(batch, self._prepared, arch, None)
+        vectors, confidence = apply_memory(batch, vectors, confidence, self._weights, arch)
+        if counts is not None and arch.max_source_tokens:
+            confidence *= coverage(counts, arch) ** np.float32(arch.coverage_exponent)
         return vectors, confidence
 
     def __repr__(self) -> str:

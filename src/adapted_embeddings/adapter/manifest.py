@@ -46,6 +46,23 @@ class ArchitectureConfig(BaseModel):
         ge=0.0,
         description="Confidence is scaled by coverage**exponent for texts the source cut.",
     )
+    memory_rows: int = Field(
+        default=0,
+        ge=0,
+        description="User pairs remembered for the neighbour correction and the memory head "
+        "(0 = no memory; only adapters fitted by adapt() carry one).",
+    )
+    memory_neighbours: int = Field(
+        default=10, gt=0, description="Remembered pairs that correct each translation."
+    )
+    memory_temperature: float = Field(
+        default=0.1, gt=0.0, description="Softmax temperature over the neighbours' similarities."
+    )
+    memory_step: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Share of the neighbours' weighted residual added to the translation.",
+    )
 
 
 class AdapterManifest(BaseModel):

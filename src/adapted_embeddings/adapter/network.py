@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from adapted_embeddings.adapter.manifest import ArchitectureConfig
+from adapted_embeddings.adapter.memory import memory_shapes
 
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_C3 = np.float32(0.044715 * np.sqrt(2.0 / np.pi))
@@ -63,6 +64,7 @@ def expected_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
     shapes["quality.feature_scale"] = (features,)
     shapes["gate.weight"] = (OOD_STATISTICS,)
     shapes["gate.bias"] = (1,)
+    shapes.update(memory_shapes(arch))
     return shapes
 
 

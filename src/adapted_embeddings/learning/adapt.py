@@ -74,6 +74,7 @@ from adapted_embeddings.learning.fidelity import (
     traffic_weights,
 )
 from adapted_embeddings.learning.lineage import LINEAGE_KEY, lineage
+from adapted_embeddings.learning.memory import NEIGHBOURS, TEMPERATURE, fit_memory
 from adapted_embeddings.learning.pairs import PairSet, PairStore
 from adapted_embeddings.learning.plausibility import ProviderCheck, check_provider_vectors
 from adapted_embeddings.settings import LearningSettings
@@ -112,6 +113,9 @@ class AdaptOptions:
     min_gain: float = 0.01
     """How much lower the call rate at the target (or higher the fidelity at 0% routed) the
     candidate must reach to be used."""
+    memory: bool = True
+    """Remember the newest pairs (up to ``MEMORY_ROWS``): their neighbours correct each
+    translation and sharpen its confidence (:mod:`adapted_embeddings.adapter.memory`)."""
     seed: int = 0
     save: bool = True
     """Write the adapter to the adapter directory (needed for new instances to find it)."""
@@ -596,6 +600,36 @@ def _fit(
         quality.fit_quality_head(features, hits.astype(np.float32), l2=0.1, seed=options.seed)
     )
 
+    memory_report: dict[str, Any] = {"rows": 0}
+    if options.memory:
+        plain = parent.manifest.model_copy(
+            update={"architecture": widened, "weights_sha256": _SHA_PLACEHOLDER}, deep=True
+        )
+        _, confidence = Adapter(plain, weights).translate(user_source)
+        memory = fit_memory(
+            user_source,
+            predicted,
+            user_target,
+            confidence,
+            row_weights=traffic,
+            judged_in=judged_in,
+            seed=options.seed,
+        )
+        widened = widened.model_copy(
+            update={
+                "memory_rows": memory.rows,
+                "memory_neighbours": NEIGHBOURS,
+                "memory_temperature": TEMPERATURE,
+                "memory_step": memory.step,
+            }
+        )
+        weights.update(memory.tensors)
+        memory_report = {
+            "rows": memory.rows,
+            "step": memory.step,
+            "cross_fitted_hit_rate_by_step": {str(k): v for k, v in memory.hit_rate.items()},
+        }
+
     manifest = parent.manifest.model_copy(
         update={
             "architecture": widened,
@@ -613,6 +647,7 @@ def _fit(
                     "measure": "cross-fitted R@10 neighbour hit",
                     "hit_rate": float(hits.mean()),
                 },
+                "memory": memory_report,
             },
             "metrics": {},
         },

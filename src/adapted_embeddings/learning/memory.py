@@ -1,0 +1,141 @@
+"""Fitting an adapter's memory of the user's pairs (NumPy only).
+
+What the memory does at run time is in :mod:`adapted_embeddings.adapter.memory`. Here,
+:func:`fit_memory` chooses how far the neighbour correction steps and fits the memory head,
+both on cross-fitted translations: each pair's residual is what a decoder fitted without it
+missed, each pair is corrected by its neighbours other than itself, and the head learns
+whether the corrected vector kept the pair's native nearest neighbour in the top 10 (the
+fidelity measure's hit). The step is chosen on those hits, not on cosine: a correction that
+raises the mean cosine can still move vectors past their neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapted_embeddings.adapter.memory import (
+    MEMORY_FEATURES,
+    correct,
+    head_features,
+    neighbour_weights,
+)
+from adapted_embeddings.adapter.network import l2_normalize
+from adapted_embeddings.learning.fidelity import neighbour_hits
+
+MEMORY_ROWS = 2048
+"""The most pairs an adapter remembers (the newest): 2048 x (384 + 2 x 1536) float32 is
+28 MB for ada-002, and a correction costs two products with the memory per batch."""
+
+NEIGHBOURS = 10
+TEMPERATURE = 0.1
+STEPS = (0.0, 0.5, 1.0)
+"""Correction steps tried (share of the neighbours' weighted residual)."""
+
+_JUDGED_ROWS = 768
+_HEAD_L2 = 1.0
+
+
+@dataclass(frozen=True)
+class FittedMemory:
+    """A memory ready to store: its settings, tensors and what the fit measured."""
+
+    step: float
+    tensors: dict[str, np.ndarray]
+    hit_rate: dict[float, float]
+    """Cross-fitted hit rate of each step tried (the fidelity at 0% routed, on the pairs)."""
+
+    @property
+    def rows(self) -> int:
+        """How many pairs are remembered."""
+        return int(self.tensors["memory.source"].shape[0])
+
+
+def fit_memory(
+    source: np.ndarray,
+    predicted: np.ndarray,
+    target: np.ndarray,
+    confidence: np.ndarray,
+    *,
+    row_weights: np.ndarray | None = None,
+    judged_in: np.ndarray | None = None,
+    seed: int = 0,
+) -> FittedMemory:
+    """Choose the correction step and fit the memory head on cross-fitted translations.
+
+    Args:
+        source: ``(n, d_source)`` the pairs' source vectors, oldest first.
+        predicted: ``(n, d_target)`` each pair's translation by a decoder fitted without it.
+        target: ``(n, d_target)`` the pairs' native vectors.
+        confidence: ``(n,)`` the adapter's own confidence of each pair.
+        row_weights: How many texts of the traffic each pair stands for (default 1).
+        judged_in: How many texts of the user's index each pair stands for (default 1).
+        seed: Fixes the subsample the step is chosen on.
+
+    """
+    source_unit, predicted_unit = l2_normalize(source), l2_normalize(predicted)
+    target_unit = l2_normalize(target)
+    weights = np.ones(len(source)) if row_weights is None else np.asarray(row_weights, float)
+    kept = np.arange(max(len(source) - MEMORY_ROWS, 0), len(source))
+    residual = target_unit[kept] - predicted_unit[kept]
+    similarities = source_unit @ source_unit[kept].T
+    _exclude_self(similarities, kept)
+    rows, neighbour, top = neighbour_weights(similarities, NEIGHBOURS, TEMPERATURE)
+
+    judged = np.random.default_rng(seed).permutation(len(source))[:_JUDGED_ROWS]
+    hit_rate = {}
+    for step in STEPS:
+        moved = correct(predicted_unit[judged], rows[judged], neighbour[judged], residual, step)
+        hits = neighbour_hits(moved, target_unit[judged], target_unit, judged, judged_in)
+        hit_rate[step] = float(np.average(hits, weights=weights[judged]))
+    # The smallest step within a hair of the best: a larger one has more to lose off-domain.
+    best = max(hit_rate.values())
+    step = min(s for s, rate in hit_rate.items() if rate >= best - 0.002)
+
+    corrected = correct(predicted_unit, rows, neighbour, residual, step)
+    hits = neighbour_hits(corrected, target_unit, target_unit, np.arange(len(source)), judged_in)
+    landing = corrected @ target_unit[kept].T
+    _exclude_self(landing, kept)
+    features = head_features(np.asarray(confidence), top, landing)
+    head = _fit_logistic(features, hits.astype(np.float64), weights)
+    tensors = {
+        "memory.source": source_unit[kept],
+        "memory.residual": residual.astype(np.float32),
+        "memory.target": target_unit[kept],
+        **head,
+    }
+    return FittedMemory(step=step, tensors=tensors, hit_rate=hit_rate)
+
+
+def _exclude_self(similarities: np.ndarray, kept: np.ndarray) -> None:
+    """A pair is never its own neighbour: row ``kept[j]`` skips column ``j``."""
+    similarities[kept, np.arange(len(kept))] = -np.inf
+
+
+def _fit_logistic(
+    features: np.ndarray, labels: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Weighted L2-regularised logistic regression by Newton's method, as head tensors."""
+    mean = np.average(features, axis=0, weights=weights)
+    scale = np.sqrt(np.average((features - mean) ** 2, axis=0, weights=weights))
+    scale = np.where(scale > 1e-6, scale, 1.0)
+    design = np.hstack([(features - mean) / scale, np.ones((len(features), 1))])
+    penalty = np.full(MEMORY_FEATURES + 1, _HEAD_L2)
+    penalty[-1] = 1e-6
+    coefficients = np.zeros(MEMORY_FEATURES + 1)
+    weights = weights / weights.mean()
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-np.clip(design @ coefficients, -30, 30)))
+        gradient = design.T @ (weights * (p - labels)) + penalty * coefficients
+        hessian = (design * (weights * p * (1 - p))[:, None]).T @ design + np.diag(penalty)
+        update = np.linalg.solve(hessian, gradient)
+        coefficients -= update
+        if np.abs(update).max() < 1e-8:
+            break
+    return {
+        "memory.head.mean": mean.astype(np.float32),
+        "memory.head.scale": scale.astype(np.float32),
+        "memory.head.weight": coefficients[:-1].astype(np.float32),
+        "memory.head.bias": coefficients[-1:].astype(np.float32),
+    }
