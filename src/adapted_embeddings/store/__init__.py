@@ -1,9 +1,9 @@
 """Where a node keeps what it learns: its own disk (the default), or a store its fleet shares.
 
-One setting chooses: ``ADAPTED_EMBEDDINGS_STORE__URL=postgresql://...`` puts provider vectors
-and the single-flight leases in that PostgreSQL database, shared by every node that names
-it, in front of which each node keeps its disk cache (:class:`SharedCache`). Unset, nothing
-changes: the disk cache alone (:class:`~adapted_embeddings.cache.EmbeddingCache`).
+One setting chooses: ``ADAPTED_EMBEDDINGS_STORE__URL=postgresql://...`` puts provider vectors,
+the single-flight leases and the learned pairs and audits in that PostgreSQL database,
+shared by every node that names it. Each node keeps its disk cache and pair store in front
+of it (:mod:`.tiered`, :mod:`.pairs`). Unset, nothing changes: the disk alone.
 """
 
 from __future__ import annotations
@@ -16,25 +16,28 @@ from adapted_embeddings.settings import AdaptedEmbeddingsSettings
 from adapted_embeddings.settings_check import variable_name
 
 if TYPE_CHECKING:
+    from adapted_embeddings.store.pairs import SharedPairStore
+    from adapted_embeddings.store.postgres import PostgresStore
     from adapted_embeddings.store.tiered import SharedCache
 
-__all__ = ["open_shared_cache"]
+__all__ = ["open_shared_cache", "open_shared_pair_store", "shared_store"]
 
 _lock = threading.Lock()
-_open: dict[tuple[object, ...], SharedCache] = {}
+_stores: dict[tuple[str, str], PostgresStore] = {}
+_caches: dict[tuple[object, ...], SharedCache] = {}
+_pair_stores: dict[tuple[object, ...], SharedPairStore] = {}
 
 
-def open_shared_cache(settings: AdaptedEmbeddingsSettings) -> SharedCache:
-    """The node's disk cache over the shared store ``settings.store.url`` (one per process).
+def shared_store(settings: AdaptedEmbeddingsSettings) -> PostgresStore:
+    """The process's connections to the store ``settings.store.url`` (checked once).
 
-    The store is contacted once now: unreachable, the node starts anyway and serves from
-    its disk and the provider until it answers (a warning says so).
+    The store is contacted now: unreachable, the node starts anyway and serves from its
+    disk and the provider until it answers (a warning says so).
 
     Raises:
         ConfigurationError: If the URL is not a PostgreSQL URL, or psycopg is not installed
             (naming the extra).
         StoreSchemaError: If the store's schema is newer than this library's.
-        CacheDirectoryError: If the local cache directory cannot hold a private cache.
 
     """
     from adapted_embeddings.postgres.extras import PGVECTOR_EXTRA, require
@@ -52,27 +55,64 @@ def open_shared_cache(settings: AdaptedEmbeddingsSettings) -> SharedCache:
         ) from None
     require("psycopg", PGVECTOR_EXTRA, what=f"the shared store ({variable_name('store', 'url')})")
     from adapted_embeddings.store.postgres import PostgresStore
+
+    key = (url, store.model_dump_json())
+    with _lock:
+        opened = _stores.get(key)
+        if opened is None:
+            opened = PostgresStore(store.model_copy(update={"url": type(store.url)(url)}))
+            _stores[key] = opened
+    opened.check()  # every pipeline built checks the schema, not only the process's first
+    return opened
+
+
+def open_shared_cache(settings: AdaptedEmbeddingsSettings) -> SharedCache:
+    """The node's disk cache over the shared store (one per process and directory).
+
+    Raises:
+        ConfigurationError, StoreSchemaError: See :func:`shared_store`.
+        CacheDirectoryError: If the local cache directory cannot hold a private cache.
+
+    """
     from adapted_embeddings.store.tiered import SharedCache
 
+    shared = shared_store(settings)
     cache = settings.cache
-    key = (
-        str(cache.directory),
-        cache.size_limit_mb,
-        cache.store_text,
-        url,
-        store.model_dump_json(),
-    )
+    key = (str(cache.directory), cache.size_limit_mb, cache.store_text, id(shared))
     with _lock:
-        opened = _open.get(key)
+        opened = _caches.get(key)
         if opened is None:
-            shared = PostgresStore(store.model_copy(update={"url": type(store.url)(url)}))
-            shared.check()
             opened = SharedCache(
                 cache.directory,
                 shared,
                 size_limit_mb=cache.size_limit_mb,
                 store_text=cache.store_text,
-                pending_writes=store.pending_writes,
+                pending_writes=settings.store.pending_writes,
             )
-            _open[key] = opened
+            _caches[key] = opened
+        return opened
+
+
+def open_shared_pair_store(settings: AdaptedEmbeddingsSettings) -> SharedPairStore:
+    """The node's pair store (beside its cache), synchronised with the fleet's.
+
+    Raises:
+        ConfigurationError, StoreSchemaError: See :func:`shared_store`.
+
+    """
+    from adapted_embeddings.store.pairs import SharedPairStore
+
+    shared = shared_store(settings)
+    learning = settings.learning
+    key = (str(settings.cache.directory), learning.max_pairs, learning.store_text, id(shared))
+    with _lock:
+        opened = _pair_stores.get(key)
+        if opened is None:
+            opened = SharedPairStore(
+                settings.cache.directory,
+                shared,
+                max_pairs=learning.max_pairs,
+                store_text=learning.store_text,
+            )
+            _pair_stores[key] = opened
         return opened

@@ -33,8 +33,11 @@ from adapted_embeddings.settings_check import variable_name
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
-"""Layout of the tables below; bumped (with an upgrade step) whenever it changes."""
+SCHEMA_VERSION = 2
+"""Layout of the tables below; bumped (with an upgrade step) whenever it changes.
+
+Version 2 added ``ae_pairs``; its creation (``IF NOT EXISTS``) is the upgrade from 1.
+"""
 
 _SCHEMA_LOCK = 0x61655F736368656D  # advisory lock key ("ae_schem"): one node creates at a time
 _MAX_IDLE_CONNECTIONS = 4
@@ -49,6 +52,25 @@ CREATE TABLE IF NOT EXISTS ae_leases (
     holder bytea NOT NULL,
     expires_at timestamptz NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ae_pairs (
+    id bigserial PRIMARY KEY,
+    source_space text NOT NULL,
+    target_space text NOT NULL,
+    text_sha256 bytea NOT NULL,
+    role text NOT NULL,
+    adapter_id text NOT NULL,
+    kind text NOT NULL,
+    confidence double precision,
+    agreement double precision,
+    created double precision NOT NULL,
+    source bytea NOT NULL,
+    target bytea NOT NULL,
+    text text,
+    stored_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    UNIQUE (source_space, target_space, text_sha256)
+);
+CREATE INDEX IF NOT EXISTS ae_pairs_by_space ON ae_pairs (source_space, target_space, id);
+CREATE INDEX IF NOT EXISTS ae_pairs_stored_at ON ae_pairs (stored_at);
 """
 
 
@@ -76,6 +98,7 @@ class PostgresStore:
         self._lock = threading.Lock()
         self._idle: list[psycopg.Connection] = []
         self._down_until = 0.0
+        self._outage = False  # between a failure and the next success: warn once per outage
         self._schema_checked = False
         self._refused: StoreSchemaError | None = None
         self.failures = 0
@@ -112,6 +135,9 @@ class PostgresStore:
             raise
         else:
             self._give_back(conn)
+            if self._outage:
+                self._outage = False
+                logger.info("shared store %s is back", self.where)
 
     def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
         """``work(conn)``, run again (up to 3 times) if PostgreSQL chose it as a deadlock victim.
@@ -166,7 +192,7 @@ class PostgresStore:
     def _fail(self, conn: psycopg.Connection | None, error: psycopg.Error) -> None:
         """Drop every pooled connection and skip the store for ``retry_seconds``."""
         with self._lock:
-            first = time.monotonic() >= self._down_until
+            first, self._outage = not self._outage, True
             self._down_until = time.monotonic() + self.settings.retry_seconds
             self.failures += 1
             idle, self._idle = self._idle, []
@@ -183,7 +209,7 @@ class PostgresStore:
         )
 
     def check(self) -> bool:
-        """Connect now: True if the store answers, False if it is unreachable (warned).
+        """Connect and check the schema now: True if the store answers, False if not (warned).
 
         Raises:
             StoreSchemaError: If the store's schema is newer than this library's.
@@ -191,8 +217,11 @@ class PostgresStore:
         """
         try:
             with self.connection() as conn:
-                conn.execute("SELECT 1")
+                self._ensure_schema(conn)  # again: another node may have upgraded it since
             return True
+        except StoreSchemaError as exc:
+            self._refused = exc
+            raise
         except StoreUnavailableError:
             if self._refused is not None:
                 raise self._refused from None
