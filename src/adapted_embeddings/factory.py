@@ -36,9 +36,15 @@ from adapted_embeddings.registry import (
     newest_adapted,
     resolve_adapter,
 )
-from adapted_embeddings.settings import AdaptedEmbeddingsSettings, Mode, OnProviderError
+from adapted_embeddings.settings import (
+    AdaptedEmbeddingsSettings,
+    EncoderSettings,
+    Mode,
+    OnProviderError,
+)
 from adapted_embeddings.settings_check import describe_setting
 from adapted_embeddings.spaces import EmbeddingSpace
+from adapted_embeddings.usage.ledger import open_ledger
 
 if TYPE_CHECKING:
     from adapted_embeddings.learning.adapt import AdaptationReport, AdaptOptions
@@ -278,6 +284,7 @@ def build_pipeline(
         gate=settings.gate,
         target=target,
         learner=learner,
+        ledger=open_ledger(settings),
     )
 
 
@@ -356,8 +363,9 @@ def _encoder(
         # model the library knows by name does not need it (and is then shared by every
         # pipeline whatever its adapter).
         expected = None if known_space(source) or adapter is None else adapter.source.id
-        backend = settings.encoder.backend
-        return _shared_encoder(str(source), settings.device, settings.batch_size, expected, backend)
+        return _shared_encoder(
+            str(source), settings.device, settings.batch_size, expected, settings.encoder
+        )
     return build_encoder(source, device=settings.device, batch_size=settings.batch_size)
 
 
@@ -368,11 +376,23 @@ _shared_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=8)
 def _cached_encoder(
-    source: str, device: str, batch_size: int, expected_space: str | None, backend: Backend
+    source: str,
+    device: str,
+    batch_size: int,
+    expected_space: str | None,
+    backend: Backend,
+    threads: int | None,
+    batch_tokens: int,
 ) -> SourceEncoder:
     expected = EmbeddingSpace.parse(expected_space) if expected_space else None
     return build_encoder(
-        source, device=device, batch_size=batch_size, expected_space=expected, backend=backend
+        source,
+        device=device,
+        batch_size=batch_size,
+        expected_space=expected,
+        backend=backend,
+        threads=threads,
+        batch_tokens=batch_tokens,
     )
 
 
@@ -381,10 +401,19 @@ def _shared_encoder(
     device: str,
     batch_size: int,
     expected_space: str | None = None,
-    backend: Backend = "auto",
+    encoder: EncoderSettings | None = None,
 ) -> SourceEncoder:
+    encoder = encoder or EncoderSettings()
     with _shared_lock:
-        return _cached_encoder(source, device, batch_size, expected_space, backend)
+        return _cached_encoder(
+            source,
+            device,
+            batch_size,
+            expected_space,
+            encoder.backend,
+            encoder.threads,
+            encoder.batch_tokens,
+        )
 
 
 @functools.lru_cache(maxsize=16)
