@@ -374,6 +374,17 @@ BENCHMARK_QUOTES = [
         "{rows[1][p50_ms]:.2f} / {rows[1][p99_ms]:.2f} |",
     ),
     ("server_latency.json", "A cache hit's p50 is {rows[0][p50_ms]:.2f} ms over loopback"),
+    ("server_latency.json", "peaks at {rows[4][requests_per_second]:.0f} requests/s at 8"),
+    (
+        "soak.json",
+        "{calls_per_second:.0f} calls/s, single-query p50 "
+        "{single_query_latency_all[p50_ms]:.2f} ms / p99 {single_query_latency_all[p99_ms]:.0f} ms",
+    ),
+    (
+        "bulk_embedding.json",
+        "2 actors × 1 thread ran {summary[ray_2x1][texts_per_s]:.1f} texts/s, 1 actor × 2 threads "
+        "{summary[ray_1x2][texts_per_s]:.1f}",
+    ),
     (
         "adapter_quality.json",
         "Native ada-002 P@10 is {systems[native ada-002][routed][0%][category_p@10]}.",
