@@ -25,6 +25,7 @@ import psycopg
 import pytest
 from pgserver._commands import pg_ctl  # type: ignore[attr-defined]  # made at import
 
+from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.errors import ConfigurationError, StoreSchemaError
 from adapted_embeddings.langchain import AdaptedEmbeddings
 from adapted_embeddings.postgres import EmbeddedPostgres, embedded_server
@@ -376,3 +377,81 @@ def test_pairs_made_while_the_database_is_away_are_shared_once_it_returns(
     assert len(second_learner.store.load(**spaces)) == len(TEXTS)
     with psycopg.connect(store_url) as conn:
         assert conn.execute("SELECT count(*) FROM ae_pairs").fetchone() == (len(TEXTS),)
+
+
+def following_node(proxy: RecordingProxy, directory: Path) -> AdaptedEmbeddings:
+    """A node whose adapter is not pinned (the registry's), so it follows the fleet's."""
+    return AdaptedEmbeddings(
+        target="multilingual-e5-small-q4",
+        base_url=proxy.base_url,
+        cache_dir=directory,
+        document_threshold=0.0,  # every text local: the adapter in force makes the vector
+        audit_rate=0.0,
+        auto_adapt_every=0,
+    )
+
+
+def adapt_to_new_version(node_dir: Path, bundled: Adapter, version: int) -> Adapter:
+    """What adapt() does when it switches: save a new adapter privately, then load it."""
+    name = f"{bundled.name}-adapted-v{version}"
+    weights = {key: value * (1 + 0.01 * version) for key, value in bundled.weights.items()}
+    fitted = Adapter(bundled.manifest.model_copy(update={"name": name}), weights)
+    return Adapter.load(fitted.save(node_dir / "adapters" / name, private=True))
+
+
+def wait_for(condition: Any, seconds: float) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, "not within the time allowed"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_an_adapter_one_node_switches_to_is_served_by_every_node_within_seconds(
+    store_url: str,
+    recording_proxy: RecordingProxy,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = (following_node(recording_proxy, tmp_path / n) for n in "ab")
+    bundled = first.pipeline.adapter
+    assert bundled is not None and second.pipeline.adapter is not None
+    assert second.pipeline.adapter.id == bundled.id
+
+    adapted = adapt_to_new_version(tmp_path / "a", bundled, 1)
+    first.pipeline.use_adapter(adapted)
+    waited = wait_for(lambda: second.pipeline.adapter.id == adapted.id, 5.0)
+    print(f"second node switched {waited:.2f} s after the first")
+    copy = tmp_path / "b" / "adapters" / adapted.name
+    assert adapted.path is not None
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in adapted.path.iterdir())
+    assert {oct(p.stat().st_mode & 0o777) for p in copy.iterdir()} == {"0o600"}
+    assert oct(copy.stat().st_mode & 0o777) == "0o700"
+    vectors = [node.embed_query("Which river is the longest?") for node in (first, second)]
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    assert recording_proxy.texts == []
+    # A node that joins later starts on the fleet's adapter, not the registry's.
+    third = following_node(recording_proxy, tmp_path / "c")
+    assert third.pipeline.adapter is not None and third.pipeline.adapter.id == adapted.id
+
+    # A published file that fails its hash is never loaded: a joining node keeps its own.
+    newer = adapt_to_new_version(tmp_path / "a", bundled, 2)
+    first.pipeline.use_adapter(newer)
+
+    def published() -> bool:
+        with psycopg.connect(store_url) as conn:
+            row = conn.execute("SELECT 1 FROM ae_adapters WHERE adapter_id = %s", (newer.id,))
+            return row.fetchone() is not None
+
+    wait_for(published, 5.0)
+    with psycopg.connect(store_url) as conn:
+        conn.execute(
+            "UPDATE ae_adapter_files SET content = content || '\\x00'::bytea "
+            "WHERE adapter_id = %s AND name LIKE '%%.safetensors'",
+            (newer.id,),
+        )
+    fourth = following_node(recording_proxy, tmp_path / "d")
+    assert "fails its SHA-256" in caplog.text
+    assert fourth.pipeline.adapter is not None and fourth.pipeline.adapter.id == bundled.id
+    assert not (tmp_path / "d" / "adapters" / newer.name).exists()
+    assert [p.name for p in (tmp_path / "d" / "adapters").iterdir()] == []  # no partial copy

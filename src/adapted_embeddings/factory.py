@@ -276,7 +276,7 @@ def build_pipeline(
     if settings.gate.mode != "local":
         provider = OpenAIEmbeddingProvider(settings.provider, target)
     learner = _learner(settings, encoder.space, target) if settings.gate.mode == "hybrid" else None
-    return EmbeddingPipeline(
+    pipeline = EmbeddingPipeline(
         adapter=adapter,
         encoder=encoder,
         provider=provider,
@@ -286,6 +286,11 @@ def build_pipeline(
         learner=learner,
         ledger=open_ledger(settings),
     )
+    if settings.store.url is not None and not pinned and settings.gate.mode != "provider":
+        from adapted_embeddings.store import follow_fleet_adapters
+
+        follow_fleet_adapters(pipeline, settings)  # one adapter version for the whole fleet
+    return pipeline
 
 
 def _find_adapter(

@@ -16,11 +16,18 @@ from adapted_embeddings.settings import AdaptedEmbeddingsSettings
 from adapted_embeddings.settings_check import variable_name
 
 if TYPE_CHECKING:
+    from adapted_embeddings.pipeline import EmbeddingPipeline
+    from adapted_embeddings.store.adapters import AdapterFollower
     from adapted_embeddings.store.pairs import SharedPairStore
     from adapted_embeddings.store.postgres import PostgresStore
     from adapted_embeddings.store.tiered import SharedCache
 
-__all__ = ["open_shared_cache", "open_shared_pair_store", "shared_store"]
+__all__ = [
+    "follow_fleet_adapters",
+    "open_shared_cache",
+    "open_shared_pair_store",
+    "shared_store",
+]
 
 _lock = threading.Lock()
 _stores: dict[tuple[str, str], PostgresStore] = {}
@@ -116,3 +123,21 @@ def open_shared_pair_store(settings: AdaptedEmbeddingsSettings) -> SharedPairSto
             )
             _pair_stores[key] = opened
         return opened
+
+
+def follow_fleet_adapters(
+    pipeline: EmbeddingPipeline, settings: AdaptedEmbeddingsSettings
+) -> AdapterFollower:
+    """Publish ``pipeline``'s adapted adapters and switch it to the fleet's newest (polling).
+
+    Raises:
+        ConfigurationError, StoreSchemaError: See :func:`shared_store`.
+
+    """
+    from adapted_embeddings.learning.adapt import adapted_adapter_dir
+    from adapted_embeddings.store.adapters import AdapterFollower
+
+    learned = adapted_adapter_dir(settings.learning, settings.cache.directory)
+    follower = AdapterFollower(pipeline, shared_store(settings), learned)
+    follower.start()
+    return follower

@@ -33,10 +33,11 @@ from adapted_embeddings.settings_check import variable_name
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Layout of the tables below; bumped (with an upgrade step) whenever it changes.
 
-Version 2 added ``ae_pairs``; its creation (``IF NOT EXISTS``) is the upgrade from 1.
+Version 2 added ``ae_pairs``, 3 ``ae_adapters`` and ``ae_adapter_files``; creating what is
+missing (``IF NOT EXISTS``) is the upgrade from an older version.
 """
 
 _SCHEMA_LOCK = 0x61655F736368656D  # advisory lock key ("ae_schem"): one node creates at a time
@@ -71,6 +72,22 @@ CREATE TABLE IF NOT EXISTS ae_pairs (
 );
 CREATE INDEX IF NOT EXISTS ae_pairs_by_space ON ae_pairs (source_space, target_space, id);
 CREATE INDEX IF NOT EXISTS ae_pairs_stored_at ON ae_pairs (stored_at);
+CREATE TABLE IF NOT EXISTS ae_adapters (
+    seq bigserial PRIMARY KEY,
+    adapter_id text NOT NULL UNIQUE,
+    directory text NOT NULL,
+    source_space text NOT NULL,
+    target_space text NOT NULL,
+    manifest text NOT NULL,
+    published_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS ae_adapter_files (
+    adapter_id text NOT NULL REFERENCES ae_adapters (adapter_id) ON DELETE CASCADE,
+    name text NOT NULL,
+    content bytea NOT NULL,
+    sha256 text NOT NULL,
+    PRIMARY KEY (adapter_id, name)
+);
 """
 
 
