@@ -455,3 +455,19 @@ def test_an_adapter_one_node_switches_to_is_served_by_every_node_within_seconds(
     assert fourth.pipeline.adapter is not None and fourth.pipeline.adapter.id == bundled.id
     assert not (tmp_path / "d" / "adapters" / newer.name).exists()
     assert [p.name for p in (tmp_path / "d" / "adapters").iterdir()] == []  # no partial copy
+
+
+def test_one_node_at_a_time_adapts_for_the_fleet(
+    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    _, first = learning_node(e5_adapter_path, recording_proxy, tmp_path / "a")
+    _, second = learning_node(e5_adapter_path, recording_proxy, tmp_path / "b")
+    assert first.adaptation_started()
+    assert not second.adaptation_started()  # the first node is adapting for both
+    first.adaptation_finished()
+    assert second.adaptation_started()
+    second.adaptation_finished()
+    # A node that dies mid-adapt() releases the lock with its connection.
+    assert first.adaptation_started()
+    first.store._adapt_lock_connection.close()
+    assert wait_for(second.adaptation_started, 5.0) < 5.0

@@ -188,12 +188,20 @@ class DomainLearner:
         with self._lock:
             if self._adapting.is_set():
                 return False
+            # A fleet's shared pair store lets one node at a time adapt for all of them.
+            claim = getattr(self.store, "claim_fleet_adaptation", None)
+            if claim is not None and not claim():
+                self._pairs_since_adapt = 0  # another node is learning from these pairs
+                return False
             self._adapting.set()
             self._pairs_since_adapt = 0
             return True
 
     def adaptation_finished(self) -> None:
         """Release the background adaptation slot."""
+        release = getattr(self.store, "release_fleet_adaptation", None)
+        if release is not None:
+            release()
         self._adapting.clear()
 
     def _maybe_adapt(self, stored: int) -> None:

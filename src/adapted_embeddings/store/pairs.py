@@ -45,6 +45,7 @@ _COLUMNS = (
     "created, source, target, text"
 )
 _BATCH = 2000  # rows per push or pull statement
+_ADAPT_LOCK = 0x61655F6164617074  # advisory lock key ("ae_adapt"): one adapt() for the fleet
 _LATE_COMMITS = "30 seconds"  # rows stored this recently are pulled again (ids commit out of order)
 
 
@@ -69,6 +70,7 @@ class SharedPairStore(PairStore):
         self.shared = shared
         self.pull_seconds = pull_seconds
         self._pulled_at = 0.0
+        self._adapt_lock_connection: psycopg.Connection | None = None
 
     # -- the PairStore interface: local, after a sync -------------------------------------
 
@@ -99,6 +101,40 @@ class SharedPairStore(PairStore):
         """The newest audits of ``adapter_id`` from every node (see PairStore.audits)."""
         self.sync()
         return super().audits(adapter_id, limit=limit)
+
+    # -- one learner for the fleet ----------------------------------------------------------
+
+    def claim_fleet_adaptation(self) -> bool:
+        """Take the fleet's adaptation lock (a session advisory lock); False if another holds it.
+
+        Held on a connection of its own until :meth:`release_fleet_adaptation`, so a node
+        that dies mid-``adapt()`` releases it with its connection. With the database away
+        the node may adapt on its own (True): learning must not wait for it.
+        """
+        try:
+            conn = psycopg.connect(
+                self.shared.url,
+                autocommit=True,
+                connect_timeout=max(1, round(self.shared.settings.connect_timeout)),
+            )
+        except psycopg.Error:
+            return True
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_ADAPT_LOCK,)).fetchone()
+        except psycopg.Error:
+            conn.close()
+            return True
+        if not (row and row[0]):
+            conn.close()
+            return False
+        self._adapt_lock_connection = conn
+        return True
+
+    def release_fleet_adaptation(self) -> None:
+        """Release the lock :meth:`claim_fleet_adaptation` took (closing its connection)."""
+        conn, self._adapt_lock_connection = self._adapt_lock_connection, None
+        if conn is not None:
+            conn.close()
 
     # -- sync -----------------------------------------------------------------------------
 

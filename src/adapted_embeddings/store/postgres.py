@@ -122,6 +122,11 @@ class PostgresStore:
         """How many calls failed (the store was down, slow or refused); for tests and stats."""
 
     @property
+    def url(self) -> str:
+        """The libpq URL (with its password: never log it; see :attr:`where`)."""
+        return self._url
+
+    @property
     def where(self) -> str:
         """The store's URL with any password masked, for messages."""
         return redact_url(self._url) or ""
