@@ -76,8 +76,9 @@ class EncoderSettings(BaseModel):
 
     backend: Backend = Field(
         default="auto",
-        description="'torch'; 'onnx': ONNX Runtime on the CPU, the same vectors faster (most "
-        "on short texts; the graph is exported once from the local weights and cached); "
+        description="'torch' (needs the [torch] extra); 'onnx': ONNX Runtime on the CPU, the "
+        "same vectors faster, without torch (the graph is built once from the local weights "
+        "and cached); "
         "'auto': 'onnx' when onnxruntime is installed and the model supports it, else 'torch'.",
     )
     threads: int | None = Field(
