@@ -1,31 +1,13 @@
-"""Fixtures for the usage tests: a proxy that also sums the provider's own token counts."""
+"""Fixtures for the usage tests: the real provider behind a proxy that counts what it got."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from ..conftest import LoopbackServer
-from ..recording_proxy import RecordingProxy
-
-
-class CountingProxy(RecordingProxy):
-    """A :class:`RecordingProxy` that also adds up the ``usage.total_tokens`` answered."""
-
-    def __init__(self, upstream_base_url: str) -> None:
-        self.tokens = 0
-        self._token_lock = threading.Lock()
-        super().__init__(upstream_base_url)
-
-    def forward(self, path: str, body: bytes) -> tuple[int, bytes]:
-        status, answer = super().forward(path, body)
-        if status == 200:
-            with self._token_lock:
-                self.tokens += int(json.loads(answer)["usage"]["total_tokens"])
-        return status, answer
+from .counting_proxy import CountingProxy
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from adapted_embeddings.cli import (  # noqa: F401, E402  (importing registers t
     dataset_command,
     embed_command,
     learning_commands,
+    report_command,
     serve_command,
     system_commands,
     training_commands,

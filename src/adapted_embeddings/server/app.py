@@ -1,7 +1,8 @@
 """The FastAPI app: one pipeline per process behind OpenAI's embeddings API.
 
 Routes: ``POST /v1/embeddings`` (also ``/embeddings``), ``GET /v1/models``,
-``GET /v1/models/{model}``, ``GET /healthz`` and ``GET /metrics``. Every error is answered
+``GET /v1/models/{model}``, ``GET /healthz``, ``GET /metrics``, and ``GET /v1/usage`` with
+``GET /dashboard`` (:mod:`.dashboard`). Every error is answered
 in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -30,6 +31,7 @@ from adapted_embeddings.pipeline import EmbeddingPipeline, EmbeddingResult, Role
 from adapted_embeddings.registry import space_matches
 from adapted_embeddings.server.auth import check_bearer
 from adapted_embeddings.server.config import ServerSettings
+from adapted_embeddings.server.dashboard import add_dashboard
 from adapted_embeddings.server.inputs import PreparedInputs, prepare_inputs
 from adapted_embeddings.server.logs import redact
 from adapted_embeddings.server.metrics import CONTENT_TYPE, MetricsMiddleware, ServerMetrics
@@ -279,6 +281,7 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
         quality = report.as_dict() if report is not None else None
         return Response(metrics.render(pipeline, quality), media_type=CONTENT_TYPE)
 
+    add_dashboard(app, pipeline, settings.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

@@ -21,7 +21,17 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Upper bounds in seconds; a cache hit takes about a millisecond, a provider call ~0.1-1 s."""
 
-KNOWN_PATHS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/healthz", "/metrics"})
+KNOWN_PATHS = frozenset(
+    {
+        "/v1/embeddings",
+        "/embeddings",
+        "/v1/models",
+        "/healthz",
+        "/metrics",
+        "/v1/usage",
+        "/dashboard",
+    }
+)
 MODEL_CARD_PATH = "/v1/models/{model}"
 """The one label for every ``GET /v1/models/<name>``."""
 KNOWN_METHODS = frozenset(
@@ -142,6 +152,7 @@ class ServerMetrics:
             "Tokens sent to the upstream provider.",
             stats.provider_tokens,
         )
+        _usage(lines, pipeline)
         with self._lock:
             responses = sorted(self.responses.items())
             histograms = sorted(self.latency.items())
@@ -218,6 +229,38 @@ def path_label(path: str) -> str:
     if path in KNOWN_PATHS:
         return path
     return MODEL_CARD_PATH if path.startswith("/v1/models/") else OTHER
+
+
+def _usage(lines: list[str], pipeline: EmbeddingPipeline) -> None:
+    """Cost avoided and audited quality in this process, from its usage ledger (if any).
+
+    As of the ledger's last flush (every ``usage.flush_seconds``).
+    """
+    ledger = pipeline.ledger
+    if ledger is None:
+        return
+    from adapted_embeddings.usage.prices import dollars, price_of, price_table
+
+    table = price_table(ledger.prices)
+    totals = ledger.totals
+    avoided = [dollars(n, price_of(space, table)) for space, n in totals.unpaid_tokens.items()]
+    _simple(
+        lines,
+        "cost_avoided_usd_total",
+        "counter",
+        "USD the provider would have charged for texts served locally or from the cache "
+        "(models with a price only).",
+        sum(cost for cost in avoided if cost is not None),
+    )
+    if totals.audits:
+        _simple(
+            lines,
+            "audited_quality",
+            "gauge",
+            "Share of this process's audits whose local vector was not poor (the report's "
+            "audited fidelity).",
+            totals.audit_passes / totals.audits,
+        )
 
 
 def _family(lines: list[str], name: str, kind: str, help_text: str) -> None:

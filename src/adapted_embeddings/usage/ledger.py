@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -47,6 +47,8 @@ DAY = 86_400
 Period = Literal["hour", "day"]
 UNPAID_ROUTES = ("local", "cache", "local_degraded")
 """Routes whose texts the provider did not embed (their tokens are counted locally)."""
+TOKEN_COUNTS_KEPT = 50_000
+"""Token counts remembered by text hash (a cache hit is a text seen before: not counted twice)."""
 EVENTS = "event"
 """The route of rows that only count guard trips and adapter switches."""
 
@@ -102,7 +104,6 @@ class CallUsage:
     failed: int = 0
     agreements: list[float] = field(default_factory=list)  # one per audit
     poor_below: float | None = None  # the adapter's quality floor (QualityFloor.poor_below)
-    at: float = field(default_factory=time.time)
 
 
 class LedgerStore(Protocol):
@@ -175,7 +176,7 @@ class SQLiteLedgerStore:
 
     def rows(self, since: float | None = None) -> list[UsageRow]:
         """Rows whose period starts at or after ``since`` (a day row counts from its day)."""
-        if not self.path.exists():
+        if not self.directory.exists():  # nothing recorded yet: do not create the cache
             return []
         floor = -1 if since is None else int(since)
         with self._transaction(write=False) as connection:
@@ -217,7 +218,8 @@ class SQLiteLedgerStore:
     def _connect(self) -> sqlite3.Connection:
         from adapted_embeddings.cache import ensure_private_directory
 
-        ensure_private_directory(self.directory)
+        # The cache's own rule: an open directory keeps its files in a private subdirectory.
+        self.path = ensure_private_directory(self.directory) / LEDGER_FILE
         if not self.path.exists():  # create it private before SQLite opens it with the umask
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         connection = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -255,7 +257,10 @@ class UsageLedger:
         self.retention_days = retention_days
         self.totals = ProcessTotals()
         self._tokens = token_counter
-        self._pending: list[CallUsage | UsageRow] = []
+        self._token_counts: dict[int, int] = {}  # hash(text) -> tokens; no text is kept
+        self.clock: Callable[[], float] = time.time
+        """When a call happened (a replay of past traffic may set its own)."""
+        self._pending: list[tuple[float, CallUsage] | UsageRow] = []
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
@@ -267,7 +272,7 @@ class UsageLedger:
     def note(self, call: CallUsage) -> None:
         """Queue one call's usage (cheap: no I/O, no token counting here)."""
         with self._pending_lock:
-            self._pending.append(call)
+            self._pending.append((self.clock(), call))
         self._ensure_flusher()
 
     def note_event(
@@ -276,7 +281,7 @@ class UsageLedger:
         """Count a guard trip on ``adapter``, or a switch to it."""
         row = UsageRow(
             "hour",
-            _hour(time.time()),
+            _hour(self.clock()),
             space,
             adapter,
             "-",
@@ -320,10 +325,10 @@ class UsageLedger:
             thread.join(timeout=30)
         self._flush_quietly()
 
-    def _rows(self, pending: list[CallUsage | UsageRow]) -> list[UsageRow]:
+    def _rows(self, pending: list[tuple[float, CallUsage] | UsageRow]) -> list[UsageRow]:
         merged: dict[tuple[str, int, str, str, str, str], UsageRow] = {}
         for item in pending:
-            for row in [item] if isinstance(item, UsageRow) else self._call_rows(item):
+            for row in [item] if isinstance(item, UsageRow) else self._call_rows(*item):
                 existing = merged.get(row.key)
                 if existing is None:
                     merged[row.key] = row
@@ -331,14 +336,14 @@ class UsageLedger:
                     existing.add(row)
         return list(merged.values())
 
-    def _call_rows(self, call: CallUsage) -> list[UsageRow]:
-        start = _hour(call.at)
+    def _call_rows(self, at: float, call: CallUsage) -> list[UsageRow]:
+        start = _hour(at)
 
         def row(route: str, **counts: float) -> UsageRow:
             return UsageRow("hour", start, call.space, call.adapter, call.role, route, **counts)  # type: ignore[arg-type]
 
         rows = [
-            row(route, texts=len(texts), tokens=sum(map(self._tokens.count, texts)))
+            row(route, texts=len(texts), tokens=sum(map(self._count_tokens, texts)))
             for route, texts in call.unpaid.items()
             if texts
         ]
@@ -358,6 +363,16 @@ class UsageLedger:
                 )
             )
         return rows
+
+    def _count_tokens(self, text: str) -> int:
+        key = hash(text)  # 64 bits: a collision among 50,000 texts is a ~1e-10 event
+        count = self._token_counts.get(key)
+        if count is None:
+            count = self._tokens.count(text)
+            if len(self._token_counts) >= TOKEN_COUNTS_KEPT:
+                self._token_counts.clear()
+            self._token_counts[key] = count
+        return count
 
     def _add_totals(self, rows: list[UsageRow]) -> None:
         totals = self.totals
