@@ -2,6 +2,7 @@
 
     python benchmarks/adapter_speed.py [--rounds 15] [--calls 60] [--out PATH]
     python benchmarks/adapter_speed.py --instructions [--adapter NAME]   # needs valgrind
+    python benchmarks/adapter_speed.py --memory    # with and without adapt()'s memory
 
 On a shared machine run it with ``OPENBLAS_NUM_THREADS=1``: with every core busy, a
 two-thread matrix product waits for a second core to free up and its time measures the
@@ -108,6 +109,48 @@ def time_adapters(rounds: int, calls: int) -> dict[str, object]:
     }
 
 
+def time_memory(rounds: int, calls: int) -> dict[str, object]:
+    """The default adapter with and without a full memory (what adapt() may add), interleaved.
+
+    The memory's cost depends only on its shape, so it is filled with random unit rows:
+    ``learning.memory.MEMORY_ROWS`` pairs, the most an adapted adapter remembers.
+    """
+    from adapted_embeddings import Adapter
+    from adapted_embeddings.adapter.memory import memory_shapes
+    from adapted_embeddings.learning.memory import MEMORY_ROWS
+    from adapted_embeddings.registry import find_adapter
+
+    rng = np.random.default_rng(0)
+    plain = Adapter.load(find_adapter(name=DEFAULT_ADAPTER).path)
+    arch = plain.manifest.architecture.model_copy(
+        update={"memory_rows": MEMORY_ROWS, "memory_step": 0.5}
+    )
+    weights = dict(plain.weights)
+    for name, shape in memory_shapes(arch).items():
+        weights[name] = rng.standard_normal(shape).astype(np.float32)
+        if len(shape) == 2:
+            weights[name] = unit_rows(rng, *shape)
+    remembering = Adapter(plain.manifest.model_copy(update={"architecture": arch}), weights)
+    batch = unit_rows(rng, BATCH, plain.source.dimensions)
+    jobs: dict[str, Callable[[], object]] = {}
+    for label, adapter in (("without", plain), ("with", remembering)):
+        jobs[f"{label}:one"] = lambda a=adapter: a.translate(batch[0])
+        jobs[f"{label}:batch"] = lambda a=adapter: a.translate(batch)
+    samples: dict[str, list[float]] = {key: [] for key in jobs}
+    for _ in range(rounds):
+        for key, job in jobs.items():
+            samples[key].append(round_median(job, calls if key.endswith("one") else 8))
+    median = {key: float(np.median(values)) for key, values in samples.items()}
+    return {
+        "adapter": DEFAULT_ADAPTER,
+        "memory_rows": MEMORY_ROWS,
+        "single_query_ms": {k: median[f"{k}:one"] * 1e3 for k in ("without", "with")},
+        "per_row_us_batch_1024": {
+            k: median[f"{k}:batch"] / BATCH * 1e6 for k in ("without", "with")
+        },
+    }
+
+
 # -- instruction counts under callgrind -----------------------------------------------------
 
 
@@ -165,6 +208,12 @@ def main() -> None:
     parser.add_argument("--instructions", action="store_true", help="count under callgrind")
     parser.add_argument("--adapter", default=DEFAULT_ADAPTER, help="adapter to count")
     parser.add_argument("--workload", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="time the default adapter with and without a full memory of pairs "
+        "(writes results/adapter_speed_memory.json unless --out is given)",
+    )
     args = parser.parse_args()
     if args.workload:
         name, mode, repeats = args.workload
@@ -180,7 +229,14 @@ def main() -> None:
         "method": "median over rounds of per-round medians; adapters and references "
         "interleaved in every round",
     }
-    if args.instructions:
+    if args.memory:
+        timed_memory = time_memory(args.rounds, args.calls)
+        results["memory"] = timed_memory
+        for key in ("single_query_ms", "per_row_us_batch_1024"):
+            print(f"{key}: {timed_memory[key]}")
+        if args.out == RESULTS:
+            args.out = RESULTS.with_name("adapter_speed_memory.json")
+    elif args.instructions:
         counted = count_instructions(args.adapter)
         results["instructions"] = {"adapter": args.adapter, **counted}
         print(

@@ -34,11 +34,11 @@ from adapted_embeddings.adapter.network import (
     quality_head,
     translate_with_features,
 )
+from adapted_embeddings.learning.heads import fit_quality_head, quality_targets
 from adapted_embeddings.registry import list_adapters
 from adapted_embeddings.training import corpora, metrics
 from adapted_embeddings.training.data import grouped_validation_split
 from adapted_embeddings.training.evaluation import auroc
-from adapted_embeddings.training.quality import fit_quality_head, quality_targets
 
 RESULTS = Path(__file__).parent / "results" / "confidence_ceiling.json"
 

@@ -94,7 +94,9 @@ def fidelity_rows(embeddings: AdaptedEmbeddings, texts: list[str], native: np.nd
     return confidence, neighbour_hits(translated, native[half:], native, rows)
 
 
-def refit(embeddings: AdaptedEmbeddings, parent: Any, trusted: bool, goal: float) -> Any:
+def refit(
+    embeddings: AdaptedEmbeddings, parent: Any, trusted: bool, goal: float, memory: bool = True
+) -> Any:
     """What ``adapt()`` chooses for ``goal`` from the same pairs and parent (nothing saved)."""
     from adapted_embeddings.learning.adapt import adapt, builtin_target_mean
 
@@ -106,7 +108,7 @@ def refit(embeddings: AdaptedEmbeddings, parent: Any, trusted: bool, goal: float
         source=pipeline.encoder.space,
         target=pipeline.space,
         settings=pipeline.learner.settings,
-        options=AdaptOptions(fidelity_target=goal, save=False),
+        options=AdaptOptions(fidelity_target=goal, save=False, memory=memory),
         parent_trusted=trusted,
         reference_mean=builtin_target_mean(pipeline.space),
     )
@@ -175,6 +177,18 @@ def run_scenario(
                 targets[goal] = chosen.after
         curve_before = fidelity_rows(baseline, texts, native)
         curve_after = fidelity_rows(embeddings, texts, native)
+        # The same fit without the memory of the pairs, judged on the same unseen texts.
+        without_memory = None
+        if report is not None and report.switched:
+            plain = refit(embeddings, parent, trusted, TARGETS[0], memory=False).adapter
+            translated, plain_confidence = plain.translate(
+                embeddings.pipeline.encoder.encode(second)
+            )
+            rows = np.arange(half, len(texts))
+            without_memory = (
+                plain_confidence,
+                neighbour_hits(translated, native[half:], native, rows),
+            )
         after = embeddings.embed_with_info(second, role="document")
         calls_before_replay = embeddings.stats().provider_requests
         stream(embeddings, first)
@@ -197,6 +211,15 @@ def run_scenario(
         "after_curve": routing_curve(*curve_after),
         "targets": {},
     }
+    if without_memory is not None:
+        fidelity["after_curve_without_memory"] = routing_curve(*without_memory)
+        fidelity["unseen_share_routed_for_target"] = {
+            f"{goal:.2f}": {
+                arm: round(FidelityCurve(*result).threshold_for(goal).routed, 4)
+                for arm, result in (("memory", curve_after), ("no_memory", without_memory))
+            }
+            for goal in TARGETS
+        }
     if report is not None and report.switched:
         confidence, hits = curve_after
         for goal, predicted in targets.items():
@@ -246,6 +269,9 @@ def print_row(row: dict[str, Any]) -> None:
     fidelity = row["fidelity"]
     print(f"    routing curve before {fidelity['before_curve']}")
     print(f"    routing curve after  {fidelity['after_curve']}")
+    if "after_curve_without_memory" in fidelity:
+        print(f"    after, no memory     {fidelity['after_curve_without_memory']}")
+        print(f"    unseen share routed for target {fidelity['unseen_share_routed_for_target']}")
     for goal, t in fidelity["targets"].items():
         print(
             f"    target {goal}: threshold {t['threshold']:.3f}; predicted "

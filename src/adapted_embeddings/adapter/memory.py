@@ -21,10 +21,13 @@ pair the weights stay on distant rows and the step is what the fit judged safe.
 The confidence is then refined by a logistic *memory head* over six features: the logit of
 the adapter's own confidence, the closeness of the nearest remembered sources (top-1 and
 mean of the neighbours: novelty), and where the corrected vector lands among the
-remembered native vectors (top-1 similarity, top-1 minus top-2, top-1 minus top-10). A text
-in a dense neighbourhood of the user's index loses its nearest neighbour to a small error,
-one in a sparse one keeps it: the same error costs retrieval quality in one place and not
-in another, which is what the fidelity measure counts. NumPy only.
+remembered native vectors (top-1 similarity, top-1 minus top-2, top-1 minus top-10). A
+text in a dense neighbourhood of the user's index loses its nearest neighbour to a small
+error, one in a sparse one keeps it: the same error costs retrieval quality in one place
+and not in another, which is what the fidelity measure counts. The landing is read among
+the native vectors of the text's ``CANDIDATES`` nearest remembered sources, not the whole
+memory: a text lands near the pairs it resembles, and a product with every remembered
+vector in the target width cost 5x the network's own forward pass (measured). NumPy only.
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ from adapted_embeddings.adapter.manifest import ArchitectureConfig
 MEMORY_FEATURES = 6
 """Inputs of the memory head (see the module docstring)."""
 
+CANDIDATES = 16
+"""Nearest remembered sources whose native vectors the landing features read."""
+
 _DEPTH = 10
 _CONFIDENCE_FLOOR = 1e-6
+_CHUNK_ROWS = 128  # bounds the (rows, candidates, d_target) gathers to ~12 MB at 1536
 
 
 def memory_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
@@ -56,29 +63,23 @@ def memory_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def neighbour_weights(
-    similarities: np.ndarray, neighbours: int, temperature: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``neighbours`` most similar rows of each line, best first, and their softmax weights.
+def nearest(similarities: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` most similar rows of each line, best first, and their similarities.
 
-    Args:
-        similarities: ``(n, m)`` cosine similarities (``-inf`` marks a row to skip).
-        neighbours: How many rows to keep (at most ``m``).
-        temperature: Softmax temperature.
-
-    Returns:
-        ``(rows, weights, top)``: ``(n, k)`` indices, ``(n, k)`` weights summing to 1 and the
-        ``(n, k)`` similarities themselves.
-
+    ``-inf`` marks a row to skip (a pair is never its own neighbour in training).
     """
-    k = min(neighbours, similarities.shape[1])
-    rows = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+    count = min(count, similarities.shape[1])
+    rows = np.argpartition(-similarities, count - 1, axis=1)[:, :count]
     top = np.take_along_axis(similarities, rows, axis=1)
-    order = np.argsort(-top, axis=1)
-    rows, top = np.take_along_axis(rows, order, axis=1), np.take_along_axis(top, order, axis=1)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return np.take_along_axis(rows, order, axis=1), np.take_along_axis(top, order, axis=1)
+
+
+def softmax_weights(top: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax over each line's similarities (best first), at ``temperature``."""
     weights = np.exp((top - top[:, :1]) / temperature)
     weights /= weights.sum(axis=1, keepdims=True)
-    return rows, weights, top
+    return weights
 
 
 def correct(
@@ -89,26 +90,35 @@ def correct(
     step: float,
 ) -> np.ndarray:
     """Unit vectors moved by ``step`` times the neighbours' weighted residual."""
-    moved = vectors + step * np.einsum("nk,nkd->nd", weights, residual[rows])
+    moved = np.array(vectors, dtype=np.float32)
+    for start in range(0, len(moved), _CHUNK_ROWS):
+        block = slice(start, start + _CHUNK_ROWS)
+        moved[block] += step * np.einsum("nk,nkd->nd", weights[block], residual[rows[block]])
     moved /= np.maximum(np.linalg.norm(moved, axis=1, keepdims=True), 1e-12)
-    return moved.astype(np.float32)
+    return moved
 
 
-def head_features(
-    confidence: np.ndarray, source_top: np.ndarray, target_similarities: np.ndarray
-) -> np.ndarray:
+def landing(vectors: np.ndarray, rows: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``(n, c)`` similarities of each vector to the remembered native vectors ``rows``."""
+    landed = np.empty(rows.shape, np.float32)
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        block = slice(start, start + _CHUNK_ROWS)
+        landed[block] = np.einsum("nd,ncd->nc", vectors[block], target[rows[block]])
+    return landed
+
+
+def head_features(confidence: np.ndarray, source_top: np.ndarray, landed: np.ndarray) -> np.ndarray:
     """The memory head's ``(n, 6)`` inputs (see the module docstring).
 
     Args:
         confidence: ``(n,)`` the adapter's own confidence.
         source_top: ``(n, k)`` similarities of the nearest remembered sources, best first.
-        target_similarities: ``(n, m)`` similarities of the corrected vectors to the
-            remembered native vectors (``-inf`` marks a row to skip).
+        landed: ``(n, c)`` similarities of the corrected vectors to the candidates' native
+            vectors (:func:`landing`).
 
     """
-    depth = min(_DEPTH, target_similarities.shape[1])
-    top = -np.partition(-target_similarities, depth - 1, axis=1)[:, :depth]
-    top = -np.sort(-top, axis=1)
+    depth = min(_DEPTH, landed.shape[1])
+    top = -np.sort(-landed, axis=1)[:, :depth]
     second = top[:, 1] if depth > 1 else top[:, 0]
     clipped = np.clip(confidence.astype(np.float64), _CONFIDENCE_FLOOR, 1 - _CONFIDENCE_FLOOR)
     return np.column_stack(
@@ -126,9 +136,8 @@ def head_features(
 def head_confidence(features: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
     """The memory head's confidence in [0, 1] for ``(n, 6)`` features."""
     scaled = (features - weights["memory.head.mean"]) / weights["memory.head.scale"]
-    logits = np.clip(
-        scaled @ weights["memory.head.weight"] + weights["memory.head.bias"][0], -30, 30
-    )
+    logits = scaled @ weights["memory.head.weight"] + weights["memory.head.bias"][0]
+    np.clip(logits, -30, 30, out=logits)
     return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
 
@@ -153,11 +162,13 @@ def apply_memory(
 
     """
     unit = source / np.maximum(np.linalg.norm(source, axis=1, keepdims=True), 1e-12)
-    similarities = unit @ weights["memory.source"].T
-    rows, neighbour, top = neighbour_weights(
-        similarities, arch.memory_neighbours, arch.memory_temperature
-    )
+    k = arch.memory_neighbours
+    rows, top = nearest(unit @ weights["memory.source"].T, max(k, CANDIDATES))
     if arch.memory_step:
-        vectors = correct(vectors, rows, neighbour, weights["memory.residual"], arch.memory_step)
-    features = head_features(confidence, top, vectors @ weights["memory.target"].T)
+        neighbour = softmax_weights(top[:, :k], arch.memory_temperature)
+        residual = weights["memory.residual"]
+        vectors = correct(vectors, rows[:, :k], neighbour, residual, arch.memory_step)
+    features = head_features(
+        confidence, top[:, :k], landing(vectors, rows, weights["memory.target"])
+    )
     return vectors, head_confidence(features, weights)

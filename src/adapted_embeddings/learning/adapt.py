@@ -519,7 +519,7 @@ def _fit(
     fixes the (ridge, replay share) instead of choosing them on an inner split, so the
     out-of-fold fits repeat the first one's procedure.
     """
-    from adapted_embeddings.training import quality
+    from adapted_embeddings.learning import heads
 
     arch = parent.manifest.architecture
     weights = {name: np.array(tensor) for name, tensor in parent.weights.items()}
@@ -591,14 +591,12 @@ def _fit(
     weights["decoder.weight"] = system.solve(ridge, replay_share).astype(np.float32)
 
     # Novelty: OOD statistics and gate over the sources learned from; then the head.
-    weights.update(quality.fit_ood_subspace(learned_from, widened.ood_rank))
+    weights.update(heads.fit_ood_subspace(learned_from, widened.ood_rank))
     gate_sources = np.vstack([replay_source, traffic_source]) if replay_share else traffic_source
     _, _, ood = translate_with_features(gate_sources, prepare(weights), widened)
-    weights.update(quality.fit_gate(ood, percentile=99.0))
+    weights.update(heads.fit_gate(ood, percentile=99.0))
     _, features, _ = translate_with_features(user_source, prepare(weights), widened)
-    weights.update(
-        quality.fit_quality_head(features, hits.astype(np.float32), l2=0.1, seed=options.seed)
-    )
+    weights.update(heads.fit_quality_head(features, hits.astype(np.float32), l2=0.1))
 
     memory_report: dict[str, Any] = {"rows": 0}
     if options.memory:

@@ -16,17 +16,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapted_embeddings.adapter.memory import (
-    MEMORY_FEATURES,
+    CANDIDATES,
     correct,
     head_features,
-    neighbour_weights,
+    landing,
+    nearest,
+    softmax_weights,
 )
 from adapted_embeddings.adapter.network import l2_normalize
 from adapted_embeddings.learning.fidelity import neighbour_hits
+from adapted_embeddings.learning.heads import fit_quality_head
 
 MEMORY_ROWS = 2048
 """The most pairs an adapter remembers (the newest): 2048 x (384 + 2 x 1536) float32 is
-28 MB for ada-002, and a correction costs two products with the memory per batch."""
+28 MB for ada-002, and every translation is compared with each remembered source."""
 
 NEIGHBOURS = 10
 TEMPERATURE = 0.1
@@ -34,7 +37,7 @@ STEPS = (0.0, 0.5, 1.0)
 """Correction steps tried (share of the neighbours' weighted residual)."""
 
 _JUDGED_ROWS = 768
-_HEAD_L2 = 1.0
+_HEAD_L2 = 0.5
 
 
 @dataclass(frozen=True)
@@ -81,24 +84,27 @@ def fit_memory(
     residual = target_unit[kept] - predicted_unit[kept]
     similarities = source_unit @ source_unit[kept].T
     _exclude_self(similarities, kept)
-    rows, neighbour, top = neighbour_weights(similarities, NEIGHBOURS, TEMPERATURE)
+    rows, top = nearest(similarities, max(NEIGHBOURS, CANDIDATES))
+    del similarities
+    near, neighbour = rows[:, :NEIGHBOURS], softmax_weights(top[:, :NEIGHBOURS], TEMPERATURE)
 
     judged = np.random.default_rng(seed).permutation(len(source))[:_JUDGED_ROWS]
     hit_rate = {}
     for step in STEPS:
-        moved = correct(predicted_unit[judged], rows[judged], neighbour[judged], residual, step)
+        moved = correct(predicted_unit[judged], near[judged], neighbour[judged], residual, step)
         hits = neighbour_hits(moved, target_unit[judged], target_unit, judged, judged_in)
         hit_rate[step] = float(np.average(hits, weights=weights[judged]))
     # The smallest step within a hair of the best: a larger one has more to lose off-domain.
     best = max(hit_rate.values())
     step = min(s for s, rate in hit_rate.items() if rate >= best - 0.002)
 
-    corrected = correct(predicted_unit, rows, neighbour, residual, step)
+    corrected = correct(predicted_unit, near, neighbour, residual, step)
     hits = neighbour_hits(corrected, target_unit, target_unit, np.arange(len(source)), judged_in)
-    landing = corrected @ target_unit[kept].T
-    _exclude_self(landing, kept)
-    features = head_features(np.asarray(confidence), top, landing)
-    head = _fit_logistic(features, hits.astype(np.float64), weights)
+    landed = landing(corrected, rows, target_unit[kept])
+    features = head_features(np.asarray(confidence), top[:, :NEIGHBOURS], landed)
+    fitted = fit_quality_head(features, hits, l2=_HEAD_L2 / len(features), sample_weights=weights)
+    head = {key.replace("quality.", "memory.head."): value for key, value in fitted.items()}
+    head = {key.replace("feature_", ""): value for key, value in head.items()}
     tensors = {
         "memory.source": source_unit[kept],
         "memory.residual": residual.astype(np.float32),
@@ -111,31 +117,3 @@ def fit_memory(
 def _exclude_self(similarities: np.ndarray, kept: np.ndarray) -> None:
     """A pair is never its own neighbour: row ``kept[j]`` skips column ``j``."""
     similarities[kept, np.arange(len(kept))] = -np.inf
-
-
-def _fit_logistic(
-    features: np.ndarray, labels: np.ndarray, weights: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Weighted L2-regularised logistic regression by Newton's method, as head tensors."""
-    mean = np.average(features, axis=0, weights=weights)
-    scale = np.sqrt(np.average((features - mean) ** 2, axis=0, weights=weights))
-    scale = np.where(scale > 1e-6, scale, 1.0)
-    design = np.hstack([(features - mean) / scale, np.ones((len(features), 1))])
-    penalty = np.full(MEMORY_FEATURES + 1, _HEAD_L2)
-    penalty[-1] = 1e-6
-    coefficients = np.zeros(MEMORY_FEATURES + 1)
-    weights = weights / weights.mean()
-    for _ in range(50):
-        p = 1.0 / (1.0 + np.exp(-np.clip(design @ coefficients, -30, 30)))
-        gradient = design.T @ (weights * (p - labels)) + penalty * coefficients
-        hessian = (design * (weights * p * (1 - p))[:, None]).T @ design + np.diag(penalty)
-        update = np.linalg.solve(hessian, gradient)
-        coefficients -= update
-        if np.abs(update).max() < 1e-8:
-            break
-    return {
-        "memory.head.mean": mean.astype(np.float32),
-        "memory.head.scale": scale.astype(np.float32),
-        "memory.head.weight": coefficients[:-1].astype(np.float32),
-        "memory.head.bias": coefficients[-1:].astype(np.float32),
-    }

@@ -35,8 +35,9 @@ from adapted_embeddings.adapter.network import (
     translate_with_features,
 )
 from adapted_embeddings.errors import TrainingDataError
+from adapted_embeddings.learning import heads
 from adapted_embeddings.spaces import EmbeddingSpace
-from adapted_embeddings.training import calibration, metrics, quality
+from adapted_embeddings.training import calibration, metrics
 from adapted_embeddings.training.data import (
     MIN_PAIRS,
     ParallelData,
@@ -234,12 +235,12 @@ def _train(
     )
     weights = dict(fit.tensors)
     centred_train = l2_normalize(train.source) - weights["source_mean"]
-    weights.update(quality.fit_ood_subspace(centred_train, arch.ood_rank))
+    weights.update(heads.fit_ood_subspace(centred_train, arch.ood_rank))
     weights.update(_placeholder_head(arch))
     _, features, ood = translate_with_features(train.source, prepare(weights), arch)
-    weights.update(quality.fit_gate(ood, percentile=settings.gate_percentile))
+    weights.update(heads.fit_gate(ood, percentile=settings.gate_percentile))
     targets, scale = _quality_targets(held_out, settings.quality_measure)
-    weights.update(quality.fit_quality_head(features, targets, seed=seed))
+    weights.update(heads.fit_quality_head(features, targets))
 
     source_space, target_space = data.source_space, data.target_space
     manifest = AdapterManifest(
@@ -430,9 +431,9 @@ def _quality_targets(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Soft [0, 1] targets of the quality head for one of :data:`QUALITY_MEASURES`."""
     if measure != "blend":
-        return quality.quality_targets(held_out[measure])
-    centred, centred_scale = quality.quality_targets(held_out["centred"])
-    raw, raw_scale = quality.quality_targets(held_out["raw"])
+        return heads.quality_targets(held_out[measure])
+    centred, centred_scale = heads.quality_targets(held_out["centred"])
+    raw, raw_scale = heads.quality_targets(held_out["raw"])
     scale = {f"centred_{k}": v for k, v in centred_scale.items()}
     scale.update({f"raw_{k}": v for k, v in raw_scale.items()})
     return ((centred + raw) / 2).astype(np.float32), scale

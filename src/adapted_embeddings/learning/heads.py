@@ -1,5 +1,8 @@
 """Fitting the confidence: OOD statistics, the out-of-distribution gate and the quality head.
 
+NumPy only: training (:mod:`adapted_embeddings.training`) and ``adapt()`` both use it, and
+``adapt()`` must run where torch is not installed.
+
 The runtime confidence is ``quality_head(features) * gate(ood) [* coverage]``
 (:func:`adapted_embeddings.adapter.network.forward`):
 
@@ -20,7 +23,6 @@ The runtime confidence is ``quality_head(features) * gate(ood) [* coverage]``
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from adapted_embeddings.adapter.network import OOD_STATISTICS
 
@@ -101,42 +103,59 @@ def fit_quality_head(
     targets: np.ndarray,
     *,
     l2: float = 1e-3,
-    steps: int = 300,
-    seed: int = 0,
+    sample_weights: np.ndarray | None = None,
+    steps: int = 100,
 ) -> dict[str, np.ndarray]:
     """Logistic regression on soft targets (binary cross-entropy), as runtime tensors.
 
+    Minimises the (weighted) mean cross-entropy plus ``l2 * |coefficients|^2`` by Newton's
+    method with step halving: the problem is convex, so this is the unique optimum (what
+    L-BFGS reached too), in NumPy, so ``adapt()`` runs without torch.
+
     Args:
         features: ``(n, f)`` quality features of the training rows.
-        targets: ``(n,)`` soft targets in [0, 1] (:func:`quality_targets`).
+        targets: ``(n,)`` soft targets in [0, 1] (:func:`quality_targets`) or 0/1 hits.
         l2: Weight decay on the coefficients (features are standardised first).
-        steps: Full-batch L-BFGS iterations.
-        seed: Torch seed (the problem is convex; this only fixes float reductions).
+        sample_weights: How much each row counts (default 1); the standardisation uses
+            the same weights.
+        steps: Most Newton iterations.
 
     """
     x = np.asarray(features, dtype=np.float64)
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
+    y = np.asarray(targets, dtype=np.float64)
+    w = np.ones(len(x)) if sample_weights is None else np.asarray(sample_weights, np.float64)
+    w = w / w.sum()
+    mean = w @ x
+    scale = np.sqrt(w @ (x - mean) ** 2)
     scale = np.where(scale > 1e-6, scale, 1.0)
-    torch.manual_seed(seed)
-    inputs = torch.as_tensor((x - mean) / scale, dtype=torch.float64)
-    labels = torch.as_tensor(targets, dtype=torch.float64)
-    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+    design = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
+    penalty = np.full(design.shape[1], 2 * l2)
+    penalty[-1] = 0.0
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = inputs @ weight + bias
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-        loss = loss + l2 * (weight * weight).sum()
-        loss.backward()
-        return loss
+    def loss(coefficients: np.ndarray) -> float:
+        logits = design @ coefficients
+        # log(1 + e^z) - y z, computed stably
+        per_row = np.logaddexp(0.0, logits) - y * logits
+        return float(w @ per_row + l2 * coefficients[:-1] @ coefficients[:-1])
 
-    optimizer.step(closure)
+    coefficients = np.zeros(design.shape[1])
+    current = loss(coefficients)
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-np.clip(design @ coefficients, -30, 30)))
+        gradient = design.T @ (w * (p - y)) + penalty * coefficients
+        hessian = (design * (w * p * (1 - p))[:, None]).T @ design + np.diag(penalty)
+        hessian[np.diag_indices_from(hessian)] += 1e-10
+        update = np.linalg.solve(hessian, gradient)
+        step = 1.0
+        while step > 1e-4 and loss(coefficients - step * update) > current:
+            step /= 2
+        coefficients -= step * update
+        previous, current = current, loss(coefficients)
+        if previous - current < 1e-12:
+            break
     return {
-        "quality.weight": weight.detach().numpy().astype(np.float32),
-        "quality.bias": bias.detach().numpy().astype(np.float32),
+        "quality.weight": coefficients[:-1].astype(np.float32),
+        "quality.bias": coefficients[-1:].astype(np.float32),
         "quality.feature_mean": mean.astype(np.float32),
         "quality.feature_scale": scale.astype(np.float32),
     }
