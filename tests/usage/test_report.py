@@ -134,3 +134,23 @@ def test_rows_are_bucketed_by_hour(tmp_path: Path) -> None:
     store = SQLiteLedgerStore(tmp_path)
     store.add([UsageRow("hour", 7 * HOUR, ADA, "a", "query", "local", texts=1)])
     assert build_report(store, since=None, now=8 * HOUR).daily[0].label == "1970-01-01"
+
+
+def test_an_adapter_switch_is_counted_and_listed(tmp_path: Path) -> None:
+    from adapted_embeddings import Adapter
+    from adapted_embeddings.registry import find_adapter
+
+    embeddings = LangChainEmbeddings(mode="local", cache_dir=tmp_path / "cache")
+    embeddings.embed_with_info(TEXTS[:1])
+    first = embeddings.pipeline.adapter
+    assert first is not None
+    linear = Adapter.load(find_adapter(source="all-MiniLM-L6-v2", target=ADA, flavor="linear").path)
+    embeddings.pipeline.use_adapter(linear)
+    embeddings.embed_with_info(TEXTS[1:])
+
+    report = embeddings.usage_report(since="1h", by="adapter")
+
+    assert [adapter for _, adapter in report.switches] == [linear.id]
+    assert report.total.adapter_switches == 1
+    by_adapter = {g.label: (g.texts, g.adapter_switches) for g in report.groups}
+    assert by_adapter == {first.id: (1, 0), linear.id: (2, 1)}
