@@ -267,6 +267,7 @@ class UsageLedger:
         self._thread: threading.Thread | None = None
         self._owner_pid = 0
         self._failed = False
+        self._compacted = 0.0
         _LIVE.add(self)
 
     def note(self, call: CallUsage) -> None:
@@ -294,7 +295,7 @@ class UsageLedger:
         self._ensure_flusher()
 
     def flush(self) -> None:
-        """Write everything noted so far (and compact the store), now.
+        """Write everything noted so far now (and compact the store, at most once an hour).
 
         Raises:
             UsageLedgerError: If the store cannot be written; the counts stay queued.
@@ -304,6 +305,8 @@ class UsageLedger:
             with self._pending_lock:
                 pending, self._pending = self._pending, []
             rows = self._rows(pending)
+            if not rows:
+                return
             try:
                 self.store.add(rows)
             except UsageLedgerError:
@@ -312,6 +315,9 @@ class UsageLedger:
                 raise
             self._add_totals(rows)
             now = time.time()
+            if now - self._compacted < HOUR:
+                return
+            self._compacted = now
             self.store.compact(
                 hourly_before=now - self.hourly_days * DAY,
                 drop_before=now - self.retention_days * DAY,
