@@ -29,6 +29,7 @@ from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.errors import ConfigurationError, StoreSchemaError
 from adapted_embeddings.langchain import AdaptedEmbeddings
 from adapted_embeddings.postgres import EmbeddedPostgres, embedded_server
+from adapted_embeddings.store import close_shared_stores
 from adapted_embeddings.store.pairs import SharedPairStore
 from adapted_embeddings.store.postgres import SCHEMA_VERSION
 from adapted_embeddings.store.tiered import SharedCache
@@ -54,6 +55,13 @@ def postgres() -> Iterator[EmbeddedPostgres]:
     yield server
     server.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    """Each test's nodes close their connections (a module's worth exceeds max_connections)."""
+    yield
+    close_shared_stores()
 
 
 @pytest.fixture

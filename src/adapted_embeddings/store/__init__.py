@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from adapted_embeddings.store.tiered import SharedCache
 
 __all__ = [
+    "close_shared_stores",
     "follow_fleet_adapters",
     "open_shared_cache",
     "open_shared_pair_store",
@@ -141,3 +142,21 @@ def follow_fleet_adapters(
     follower = AdapterFollower(pipeline, shared_store(settings), learned)
     follower.start()
     return follower
+
+
+def close_shared_stores() -> None:
+    """Close this process's connections to every shared store and forget them.
+
+    Pipelines built afterwards open new ones; a pipeline still running reconnects on its
+    next call. For a clean shutdown, and for tests that start many nodes in one process.
+    """
+    with _lock:
+        stores = list(_stores.values())
+        caches = list(_caches.values())
+        _stores.clear()
+        _caches.clear()
+        _pair_stores.clear()
+    for cache in caches:
+        cache.flush()
+    for store in stores:
+        store.close()

@@ -62,7 +62,7 @@ class AdapterFollower:
         """One step now (a node that joins serves the fleet's adapter at once), then poll."""
         self.step()
         self._thread = threading.Thread(
-            target=self._run, name="adapted-embeddings-fleet-adapters", daemon=True
+            target=self._poll, name="adapted-embeddings-fleet-adapters", daemon=True
         )
         self._thread.start()
 
@@ -70,7 +70,7 @@ class AdapterFollower:
         """Stop polling (the pipeline keeps the adapter it has)."""
         self._stop.set()
 
-    def _run(self) -> None:
+    def _poll(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             if self._pipeline() is None:
                 return
@@ -88,7 +88,7 @@ class AdapterFollower:
         try:
             if current is not None and self._adapted_here(current):
                 self.publish(current)
-            newest = self.shared._run(self._newest)
+            newest = self.shared.run(self._newest)
             if newest is None or (current is not None and newest[0] == current.id):
                 return
             adapter = self._fetch(*newest)
@@ -143,7 +143,7 @@ class AdapterFollower:
                         ],
                     )
 
-        self.shared._run(write)
+        self.shared.run(write)
         self._published.add(adapter.id)
         logger.info("published adapter %s to the fleet", adapter.id)
 
@@ -169,7 +169,7 @@ class AdapterFollower:
                 if existing.id == adapter_id:
                     return existing
             final = self.learned_dir / f"{Path(directory).name}-fleet-{uuid.uuid4().hex[:8]}"
-        rows: list[Any] = self.shared._run(
+        rows: list[Any] = self.shared.run(
             lambda conn: conn.execute(
                 "SELECT name, content, sha256 FROM ae_adapter_files WHERE adapter_id = %s",
                 (adapter_id,),

@@ -162,7 +162,7 @@ class SharedPairStore(PairStore):
             )
             if not rows:
                 return
-            self.shared._run(functools.partial(self._write, [row[1:] for row in rows]))
+            self.shared.run(functools.partial(self._write, [row[1:] for row in rows]))
             self._set_cursor("pushed", int(rows[-1][0]), only_if=pushed)
 
     def _write(self, rows: list[tuple[Any, ...]], conn: psycopg.Connection) -> None:
@@ -193,7 +193,7 @@ class SharedPairStore(PairStore):
     def _pull(self) -> None:
         while True:
             pulled = self._cursor("pulled")
-            rows = self.shared._run(functools.partial(_read_after, pulled))
+            rows = self.shared.run(functools.partial(_read_after, pulled))
             fresh = [row for row in rows if int(row[0]) > pulled]
             self._merge([row[1:] for row in rows])
             if not fresh:

@@ -161,7 +161,7 @@ class PostgresStore:
                 self._outage = False
                 logger.info("shared store %s is back", self.where)
 
-    def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
+    def run(self, work: Callable[[psycopg.Connection], T]) -> T:
         """``work(conn)``, run again (up to 3 times) if PostgreSQL chose it as a deadlock victim.
 
         Keys are always locked in sorted order, so a deadlock should not happen; this keeps
@@ -300,7 +300,7 @@ class PostgresStore:
         """Stored values under ``keys`` (absent keys are left out)."""
         if not keys:
             return {}
-        rows = self._run(
+        rows = self.run(
             lambda conn: conn.execute(
                 "SELECT key, value FROM ae_provider_vectors WHERE key = ANY(%s)", (keys,)
             ).fetchall()
@@ -313,7 +313,7 @@ class PostgresStore:
             return
         ordered = sorted(dict(items).items())  # one lock order for every writer
         keys, values = [k for k, _ in ordered], [v for _, v in ordered]
-        self._run(
+        self.run(
             lambda conn: conn.execute(
                 "INSERT INTO ae_provider_vectors (key, value) "
                 "SELECT * FROM unnest(%s::text[], %s::bytea[]) ON CONFLICT (key) DO NOTHING",
@@ -323,7 +323,7 @@ class PostgresStore:
 
     def delete_values(self, keys: list[str]) -> None:
         """Drop values that failed their checks, so the next node to fetch rewrites them."""
-        self._run(
+        self.run(
             lambda conn: conn.execute(
                 "DELETE FROM ae_provider_vectors WHERE key = ANY(%s)", (sorted(keys),)
             )
@@ -331,7 +331,7 @@ class PostgresStore:
 
     def count_values(self) -> int:
         """How many provider vectors the fleet shares."""
-        row = self._run(
+        row = self.run(
             lambda conn: conn.execute("SELECT count(*) FROM ae_provider_vectors").fetchone()
         )
         return int(row[0]) if row else 0
@@ -383,12 +383,12 @@ class PostgresStore:
                 ).fetchall()
             return won, {key: bytes(current) for key, current in others}
 
-        won, others = self._run(take)
+        won, others = self.run(take)
         return [None if k in won else others.get(k, b"") for k in keys]
 
     def holders(self, keys: list[str]) -> list[bytes | None]:
         """Current (unexpired) holder of each key, None where nobody holds one."""
-        rows = self._run(
+        rows = self.run(
             lambda conn: conn.execute(
                 "SELECT key, holder FROM ae_leases "
                 "WHERE key = ANY(%s) AND expires_at > clock_timestamp()",
@@ -400,7 +400,7 @@ class PostgresStore:
 
     def release(self, keys: list[str], holder: bytes) -> None:
         """Drop the leases ``holder`` still holds on keys (locked in key order)."""
-        self._run(
+        self.run(
             lambda conn: conn.execute(
                 "DELETE FROM ae_leases WHERE key IN (SELECT key FROM ae_leases "
                 "WHERE key = ANY(%s) AND holder = %s ORDER BY key FOR UPDATE)",
