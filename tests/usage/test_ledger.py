@@ -152,3 +152,34 @@ def test_an_unwritable_ledger_never_fails_embedding(
     with pytest.raises(UsageLedgerError, match="usage ledger"):
         ledger.flush()
     assert os.path.isdir(cache / LEDGER_FILE)
+
+
+@pytest.mark.slow
+def test_a_guard_trip_is_counted_with_the_audits_that_caused_it(
+    e5_adapter_path: Path, counting_proxy: CountingProxy, tmp_path: Path
+) -> None:
+    from adapted_embeddings import Adapter
+    from adapted_embeddings.training.corpora import load_jeopardy
+
+    from ..learning_data import confidently_wrong
+
+    wrong = confidently_wrong(Adapter.load(e5_adapter_path), tmp_path)
+    embeddings = embedder(wrong, counting_proxy, tmp_path / "cache", auto_adapt_every=0)
+    texts = [t for i, t in enumerate(load_jeopardy().texts) if i % 5 == 0][:400]
+    for start in range(0, 400, 20):  # until the guard trips (~200 texts on average)
+        embeddings.embed_with_info(texts[start : start + 20])
+        report = embeddings.quality_report()
+        if report is not None and report.guard_tripped:
+            break
+    assert report is not None and report.guard_tripped
+    ledger = embeddings.pipeline.ledger
+    assert ledger is not None
+    ledger.flush()
+    rows = ledger.store.rows()
+
+    assert sum(r.guard_trips for r in rows) == 1
+    audits = sum(r.audits for r in rows)
+    assert audits == report.audited
+    # The adapter is wrong everywhere: almost no audit meets its calibrated floor.
+    assert sum(r.audit_passes for r in rows) < audits / 4
+    assert sum(r.agreement_sum for r in rows) / audits == pytest.approx(report.mean_agreement)
