@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -183,3 +184,10 @@ def test_a_guard_trip_is_counted_with_the_audits_that_caused_it(
     # The adapter is wrong everywhere: almost no audit meets its calibrated floor.
     assert sum(r.audit_passes for r in rows) < audits / 4
     assert sum(r.agreement_sum for r in rows) / audits == pytest.approx(report.mean_agreement)
+    # The server's /metrics shows the same share as its audited-quality gauge.
+    from adapted_embeddings.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics().render(embeddings.pipeline)
+    gauge = re.search(r"^adapted_embeddings_audited_quality (\S+)$", metrics, re.MULTILINE)
+    assert gauge is not None
+    assert float(gauge.group(1)) == pytest.approx(sum(r.audit_passes for r in rows) / audits)
