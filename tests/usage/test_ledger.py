@@ -41,6 +41,7 @@ def embedder(
     )
 
 
+@pytest.mark.slow
 def test_ledger_counts_equal_what_the_provider_received(
     e5_adapter_path: Path, counting_proxy: CountingProxy, tmp_path: Path
 ) -> None:
