@@ -40,6 +40,7 @@ def documented_pages() -> list[Path]:
     """README.md and every page of the documentation site."""
     return [README, *sorted(DOCS.rglob("*.md"))]
 
+
 _BLOCK = re.compile(
     r"^<!-- output: (?P<what>.+?) -->\n```[a-z]*\n(?P<text>.*?)^```$", re.MULTILINE | re.DOTALL
 )

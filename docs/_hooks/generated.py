@@ -572,6 +572,9 @@ def domain_adaptation_table() -> str:
                 "yes" if scenario["adapt_switched"] else "no",
                 curve(fidelity["before_curve"]),
                 curve(fidelity["after_curve"]),
+                curve(fidelity["after_curve_without_memory"])
+                if "after_curve_without_memory" in fidelity
+                else "–",
                 *cells,
                 str(scenario["replay_provider_calls"]),
             ]
@@ -582,6 +585,7 @@ def domain_adaptation_table() -> str:
         "switched",
         "curve before",
         "curve after",
+        "curve after, no memory",
         *[f"target {float(t):g}: predicted → measured" for t in targets],
         "re-embedding calls",
     ]

@@ -37,6 +37,7 @@ STEPS = (0.0, 0.5, 1.0)
 """Correction steps tried (share of the neighbours' weighted residual)."""
 
 _JUDGED_ROWS = 768
+_HEAD_ROWS = 2048
 _HEAD_L2 = 0.5
 
 
@@ -88,7 +89,8 @@ def fit_memory(
     del similarities
     near, neighbour = rows[:, :NEIGHBOURS], softmax_weights(top[:, :NEIGHBOURS], TEMPERATURE)
 
-    judged = np.random.default_rng(seed).permutation(len(source))[:_JUDGED_ROWS]
+    order = np.random.default_rng(seed).permutation(len(source))
+    judged = order[:_JUDGED_ROWS]
     hit_rate = {}
     for step in STEPS:
         moved = correct(predicted_unit[judged], near[judged], neighbour[judged], residual, step)
@@ -98,11 +100,18 @@ def fit_memory(
     best = max(hit_rate.values())
     step = min(s for s, rate in hit_rate.items() if rate >= best - 0.002)
 
-    corrected = correct(predicted_unit, near, neighbour, residual, step)
-    hits = neighbour_hits(corrected, target_unit, target_unit, np.arange(len(source)), judged_in)
-    landed = landing(corrected, rows, target_unit[kept])
-    features = head_features(np.asarray(confidence), top[:, :NEIGHBOURS], landed)
-    fitted = fit_quality_head(features, hits, l2=_HEAD_L2 / len(features), sample_weights=weights)
+    # The head has six inputs: a few thousand rows fit it; judging every pair of a large
+    # store in the whole index would cost more than the rest of adapt().
+    fitted_on = np.sort(order[:_HEAD_ROWS])
+    corrected = correct(
+        predicted_unit[fitted_on], near[fitted_on], neighbour[fitted_on], residual, step
+    )
+    hits = neighbour_hits(corrected, target_unit[fitted_on], target_unit, fitted_on, judged_in)
+    landed = landing(corrected, rows[fitted_on], target_unit[kept])
+    features = head_features(np.asarray(confidence)[fitted_on], top[fitted_on, :NEIGHBOURS], landed)
+    fitted = fit_quality_head(
+        features, hits, l2=_HEAD_L2 / len(features), sample_weights=weights[fitted_on]
+    )
     head = {key.replace("quality.", "memory.head."): value for key, value in fitted.items()}
     head = {key.replace("feature_", ""): value for key, value in head.items()}
     tensors = {
