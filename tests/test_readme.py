@@ -507,3 +507,11 @@ def test_the_fault_scenario_count_is_the_number_of_scenarios() -> None:
     count = re.search(r"^(\d+)/\d+ tests collected", collected.stdout, flags=re.MULTILINE)
     assert count, collected.stdout[-2000:] + collected.stderr[-2000:]
     assert heading[1] == heading[2] == count[1]
+
+
+def test_the_readme_report_is_the_usage_benchmarks_report() -> None:
+    """The README's report table is the one ``benchmarks/usage_report.py`` printed, verbatim."""
+    results = ROOT / "benchmarks" / "results" / "usage_report.txt"
+    report = results.read_text(encoding="utf-8").rstrip("\n")
+    assert report in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert (ROOT / "docs" / "img" / "usage_report.png").stat().st_size > 10_000
