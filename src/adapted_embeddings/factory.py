@@ -10,6 +10,7 @@ import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ from adapted_embeddings.settings import (
 from adapted_embeddings.settings_check import describe_setting
 from adapted_embeddings.spaces import EmbeddingSpace
 from adapted_embeddings.usage.ledger import open_ledger
+from adapted_embeddings.usage.report import GroupBy, UsageReport, pipeline_usage_report
 
 if TYPE_CHECKING:
     from adapted_embeddings.learning.adapt import AdaptationReport, AdaptOptions
@@ -171,6 +173,17 @@ class PipelineOptions(BaseModel):
         and new instances with the same settings pick it up unless ``adapter=`` pins one.
         """
         return self._pipeline.adapt(options)
+
+    def usage_report(
+        self, since: str | timedelta | datetime | None = "7d", by: GroupBy = "day"
+    ) -> UsageReport:
+        """Texts, share local, tokens, cost paid and avoided, audited fidelity, since ``since``.
+
+        Read from the usage ledger beside the cache, so it counts every process sharing the
+        cache directory; ``since`` is '24h', '7d', '2w', a timedelta or a datetime (None:
+        everything). See :mod:`adapted_embeddings.usage.report`.
+        """
+        return pipeline_usage_report(self._pipeline, since=since, by=by)
 
     def resolved_settings(self) -> AdaptedEmbeddingsSettings:
         """The settings with every keyword that was given applied on top."""

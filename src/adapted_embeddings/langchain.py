@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from typing import Any
 
 from adapted_embeddings.extras import require
@@ -28,11 +27,6 @@ from langchain_core.embeddings import Embeddings  # noqa: E402  (after the check
 from pydantic import ConfigDict  # noqa: E402
 
 from adapted_embeddings.factory import PipelineOptions  # noqa: E402
-from adapted_embeddings.usage.report import (  # noqa: E402
-    GroupBy,
-    UsageReport,
-    pipeline_usage_report,
-)
 
 
 class AdaptedEmbeddings(PipelineOptions, Embeddings):
@@ -73,17 +67,6 @@ class AdaptedEmbeddings(PipelineOptions, Embeddings):
         """
         super().__init__(**data)
         self._pipeline = self.build_pipeline()
-
-    def usage_report(
-        self, since: str | timedelta | datetime | None = "7d", by: GroupBy = "day"
-    ) -> UsageReport:
-        """Texts, share local, tokens, cost paid and avoided, audited fidelity, since ``since``.
-
-        Read from the usage ledger beside the cache, so it counts every process sharing the
-        cache directory; ``since`` is '24h', '7d', '2w', a timedelta or a datetime (None:
-        everything). See :mod:`adapted_embeddings.usage.report`.
-        """
-        return pipeline_usage_report(self._pipeline, since=since, by=by)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Embed documents (role ``document``), in input order."""

@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
 from typing import Any
 
 from adapted_embeddings.extras import require
@@ -29,11 +28,6 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding  # no
 from pydantic import ConfigDict, Field  # noqa: E402
 
 from adapted_embeddings.factory import PipelineOptions  # noqa: E402
-from adapted_embeddings.usage.report import (  # noqa: E402
-    GroupBy,
-    UsageReport,
-    pipeline_usage_report,
-)
 
 
 class AdaptedEmbeddings(BaseEmbedding, PipelineOptions):
@@ -59,17 +53,6 @@ class AdaptedEmbeddings(BaseEmbedding, PipelineOptions):
         super().__init__(**data)
         self._pipeline = self.build_pipeline()
         self.model_name = self._pipeline.space.model
-
-    def usage_report(
-        self, since: str | timedelta | datetime | None = "7d", by: GroupBy = "day"
-    ) -> UsageReport:
-        """Texts, share local, tokens, cost paid and avoided, audited fidelity, since ``since``.
-
-        Read from the usage ledger beside the cache, so it counts every process sharing the
-        cache directory; ``since`` is '24h', '7d', '2w', a timedelta or a datetime (None:
-        everything). See :mod:`adapted_embeddings.usage.report`.
-        """
-        return pipeline_usage_report(self._pipeline, since=since, by=by)
 
     @classmethod
     def class_name(cls) -> str:
