@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapted_embeddings import onnx_encoder
 from adapted_embeddings.errors import (
     AdaptedEmbeddingsError,
     ConfigurationError,
@@ -291,12 +291,14 @@ def available_cores() -> int:
 
 
 def set_model_threads(threads: int) -> None:
-    """Run the local model's torch operations on ``threads`` intra-op threads in this process.
+    """Run the local model on ``threads`` intra-op threads in this process.
 
-    Torch otherwise takes a thread per physical core, whatever else runs: with several
-    processes on the same cores (Ray actors, or other work on a shared machine) the threads
-    of each wait on one another, and the bulk engines set the count deliberately instead.
-    A source model that does not run on torch is not affected.
+    Both runtimes otherwise take a thread per physical core, whatever else runs: with
+    several processes on the same cores (Ray actors, or other work on a shared machine) the
+    threads of each wait on one another, and the bulk engines set the count deliberately
+    instead. It applies to ONNX Runtime sessions created from now on
+    (:func:`~adapted_embeddings.onnx_encoder.set_threads`) and to torch: now if torch is
+    already loaded, else when a torch model loads (an ONNX run never imports torch).
 
     Raises:
         ConfigurationError: If ``threads`` is below 1.
@@ -304,11 +306,10 @@ def set_model_threads(threads: int) -> None:
     """
     if threads < 1:
         raise ConfigurationError(f"model threads must be at least 1, got {threads}")
-    if importlib.util.find_spec("torch") is None:
-        return
-    import torch
-
-    torch.set_num_threads(threads)
+    onnx_encoder.set_threads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def release_freed_memory() -> None:

@@ -38,6 +38,7 @@ from adapted_embeddings.onnx_encoder import (
     OnnxExportError,
     OnnxSentenceModel,
     max_seq_length,
+    model_threads,
     onnxruntime_available,
     unsupported_reason,
 )
@@ -231,8 +232,9 @@ class SentenceTransformerEncoder:
                 import torch
                 from sentence_transformers import SentenceTransformer
 
-                if self.threads is not None:
-                    torch.set_num_threads(self.threads)
+                threads = model_threads(self.threads)
+                if threads is not None:
+                    torch.set_num_threads(threads)
 
                 logger.info("loading local model %s", self.name)
                 with quiet_model_loading():

@@ -365,13 +365,18 @@ def set_threads(threads: int | None) -> None:
     _process_threads = threads
 
 
+def model_threads(own: int | None) -> int | None:
+    """The intra-op threads a local model loaded now should use: the process's, else ``own``."""
+    return _process_threads or own
+
+
 def _checked_session(path: Path, key: str, threads: int | None) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session of ``path``, checked to be the graph exported under ``key``."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
-    threads = _process_threads or threads
+    threads = model_threads(threads)
     if threads is not None:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from adapted_embeddings import onnx_encoder
 from adapted_embeddings.datasets import (
     OUTPUT_COLUMNS,
     SUMMARY_COUNTS,
@@ -306,7 +305,6 @@ class _PipelineWorker:
         role: Role,
     ) -> None:
         set_model_threads(threads)
-        onnx_encoder.set_threads(threads)  # the ONNX Runtime session's, when it is created
         from adapted_embeddings.factory import PipelineOptions
 
         with _tagged_errors():

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 
-from adapted_embeddings import onnx_encoder
 from adapted_embeddings.cli.adapter_commands import adapter_location
 from adapted_embeddings.cli.app import app, fail, handle_errors
 from adapted_embeddings.cli.embed_command import CLI_HINT, ModeChoice, RoleChoice
@@ -194,7 +193,6 @@ def embed_dataset_command(
     if engine is EngineChoice.local:
         threads = threads or available_cores()
         set_model_threads(threads)
-        onnx_encoder.set_threads(threads)  # the ONNX Runtime session's, when it is created
         workers = f"engine local, {_threads(threads)}"
         with bar() as shown:
             summary = embed_files(
