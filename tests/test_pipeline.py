@@ -92,10 +92,10 @@ def test_hybrid_routes_by_confidence_and_keeps_order(
         assert result.space == adapter.target
         assert result.confidence == pytest.approx(float(confidences[i]), abs=1e-5)
         if confidences[i] < split_threshold:
-            assert result.route == "provider"
+            assert result.route == "provider" and result.adapter is None
             np.testing.assert_allclose(result.vector, truth[i], atol=1e-5)
         else:
-            assert result.route == "local"
+            assert result.route == "local" and result.adapter == adapter.id
             np.testing.assert_allclose(result.vector, translated[i], atol=1e-5)
 
 
@@ -113,6 +113,10 @@ def test_repeat_is_served_from_cache_without_calling_the_server(
     again = embeddings.embed_with_info(TEXTS)
     assert recording_proxy.requests == []
     assert [r.route for r in again] == ["cache"] * len(TEXTS)
+    # A cached vector still says which adapter made it (None: the provider's).
+    adapter_id = embeddings.pipeline.adapter.id  # type: ignore[union-attr]
+    makers = {r.adapter for r in again}
+    assert makers == {None, adapter_id}, makers  # the split threshold routes some of each
     np.testing.assert_allclose(np.array(first), np.stack([r.vector for r in again]), atol=0)
     # A fresh embedder over the same directory (a new process would see the same) hits too.
     fresh = embedder(e5_adapter_path, recording_proxy, tmp_path, document_threshold=split_threshold)

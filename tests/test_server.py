@@ -183,6 +183,7 @@ def test_openai_sync_float_and_base64_equal_the_library(
     assert first["route"] in ("local", "cache")
     assert first["confidence"] == pytest.approx(expected[0].confidence, abs=1e-6)
     assert first["audited"] is False
+    assert first["adapter"] == expected[0].adapter is not None  # the adapter that made it
     assert (as_base64.data[0].model_extra or {})["route"] == "cache"  # the second call
     counter = default_token_counter()
     assert as_float.usage.prompt_tokens == sum(counter.count(t) for t in TEXTS)

@@ -69,6 +69,11 @@ class EmbeddingResult:
         space: The embedding space the vector lives in.
         audited: True when the gate would have kept the text local but it was sent to the
             provider as an audit; the vector is then the provider's.
+        adapter: The id (``name:hash``) of the adapter that made the vector, None for a
+            provider vector. After ``adapt()`` a re-embedded text can come from an ancestor
+            adapter's cache entry: the id is then the ancestor's. Record it beside the
+            vector to know which adapter made what (a fleet switches together, but an index
+            outlives any one adapter).
 
     """
 
@@ -77,6 +82,7 @@ class EmbeddingResult:
     route: Route
     space: EmbeddingSpace
     audited: bool = False
+    adapter: str | None = None
 
 
 @dataclass
@@ -474,7 +480,8 @@ class EmbeddingPipeline:
             known = self._embedded_by_ancestors(plan, missing)
             for u in plan.for_provider:
                 if u in known:
-                    plan.results[u] = self._result(known[u].vector, known[u].confidence, "cache")
+                    entry, maker = known[u]
+                    plan.results[u] = self._result(entry.vector, entry.confidence, "cache", maker)
             plan.for_provider = [u for u in plan.for_provider if u not in known]
             if self.learner is not None:
                 auditable = [u for u in confident if not _blank(unique_texts[u]) and u not in known]
@@ -482,13 +489,15 @@ class EmbeddingPipeline:
             plan.for_provider += [u for u in confident if u in plan.audited]
             plan.fresh_local.extend(u for u in confident if u not in plan.audited)
         for u in plan.fresh_local:
-            plan.results[u] = self._result(plan.local_vectors[u], plan.local_confidence[u], "local")
+            plan.results[u] = self._result(
+                plan.local_vectors[u], plan.local_confidence[u], "local", adapter.id
+            )
         return plan
 
     def _embedded_by_ancestors(
         self, plan: _Plan, candidates: list[int]
-    ) -> dict[int, CachedEmbedding]:
-        """Texts an earlier adapter of this lineage kept local, with their cached entries.
+    ) -> dict[int, tuple[CachedEmbedding, str]]:
+        """Texts an earlier adapter of this lineage kept local: cached entry, adapter id.
 
         An entry counts if its confidence reached the threshold that adapter was held to
         when ``adapt()`` replaced it (the guard's raise included), so vectors the guard had
@@ -496,7 +505,7 @@ class EmbeddingPipeline:
         """
         assert plan.adapter is not None
         ancestors = (lineage(plan.adapter.manifest) or {}).get("ancestors", [])
-        found: dict[int, CachedEmbedding] = {}
+        found: dict[int, tuple[CachedEmbedding, str]] = {}
         if self.cache is None or not ancestors:
             return found
         pending = [u for u in candidates if not _blank(plan.unique_texts[u])]
@@ -516,7 +525,7 @@ class EmbeddingPipeline:
             entries = self.cache.get_many(keys, dimensions=self.space.dimensions)
             for u, entry in zip(pending, entries, strict=True):
                 if entry is not None and (entry.confidence or 0.0) >= threshold:
-                    found[u] = entry
+                    found[u] = (entry, ancestor["id"])
             pending = [u for u in pending if u not in found]
         return found
 
@@ -541,7 +550,7 @@ class EmbeddingPipeline:
         # A provider vector is the best there is, whatever the adapter or mode.
         for u, entry in enumerate(self.cache.get_many(plan.provider_keys, dimensions=dimensions)):
             if entry is not None:
-                plan.results[u] = self._result(entry.vector, None, "cache")
+                plan.results[u] = self._result(entry.vector, None, "cache", None)
         if not plan.local_keys:
             return
         missing = [u for u, result in enumerate(plan.results) if result is None]
@@ -562,8 +571,11 @@ class EmbeddingPipeline:
                     and entry.confidence >= threshold
                 )
             )
-            if usable:
-                plan.results[u] = self._result(entry.vector, entry.confidence, "cache")
+            if usable:  # local keys are the current adapter's
+                assert plan.adapter is not None
+                plan.results[u] = self._result(
+                    entry.vector, entry.confidence, "cache", plan.adapter.id
+                )
             else:
                 rejected += 1
         if rejected:
@@ -709,7 +721,7 @@ class EmbeddingPipeline:
         for u in failed:
             # Not cached: the next call should try the provider again.
             plan.results[u] = self._result(
-                plan.local_vectors[u], plan.local_confidence[u], "local_degraded"
+                plan.local_vectors[u], plan.local_confidence[u], "local_degraded", plan.adapter.id
             )
         logger.warning(
             "provider failed for %d of %d texts; returning the adapter's vectors instead "
@@ -806,9 +818,9 @@ class EmbeddingPipeline:
         )
 
     def _result(
-        self, vector: np.ndarray, confidence: float | None, route: Route
+        self, vector: np.ndarray, confidence: float | None, route: Route, adapter: str | None
     ) -> EmbeddingResult:
-        return EmbeddingResult(vector, confidence, route, self.space)
+        return EmbeddingResult(vector, confidence, route, self.space, adapter=adapter)
 
 
 def _provider_entry(plan: _Plan, u: int, vector: np.ndarray) -> tuple[str, CachedEmbedding]:

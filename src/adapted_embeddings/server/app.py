@@ -478,6 +478,7 @@ def _response_body(
             "route": result.route,
             "confidence": None if result.confidence is None else float(result.confidence),
             "audited": result.audited,
+            "adapter": result.adapter,
         }
         for index, result in enumerate(results)
     ]

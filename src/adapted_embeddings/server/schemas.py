@@ -54,6 +54,11 @@ class EmbeddingItem(BaseModel):
         description="Extension: true when a text the gate would have kept local was sent to "
         "the provider to audit the adapter (the vector is then the provider's)."
     )
+    adapter: str | None = Field(
+        default=None,
+        description="Extension: the id (name:hash) of the adapter that made the vector, null "
+        "for the provider's vectors.",
+    )
 
 
 class Usage(BaseModel):
