@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from adapted_embeddings import onnx_encoder
+
 from .recording_proxy import RecordingProxy
 
 # Nothing in the test suite may reach a model hub.
@@ -30,6 +32,9 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("ADAPTED_EMBEDDINGS_CACHE__DIRECTORY", str(tmp_path / "default-cache"))
     # .env files are read from the working directory; run each test from an empty one.
     monkeypatch.chdir(tmp_path)
+    # A bulk run in this process sets the local model's threads process-wide (as each CLI run
+    # and Ray actor does); do not let it decide the next test's sessions.
+    monkeypatch.setattr(onnx_encoder, "_process_threads", None)
 
 
 def free_port() -> int:
