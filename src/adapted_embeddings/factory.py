@@ -486,7 +486,7 @@ def _learner(
             store = _cached_pair_store(
                 str(settings.cache.directory), config.max_pairs, config.store_text
             )
-    return DomainLearner(store, config, source=source, target=target)
+    return DomainLearner(store, config, source=source, target=target, seed=config.audit_seed)
 
 
 def _given(**values: Any) -> dict[str, Any]:

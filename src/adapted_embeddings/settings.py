@@ -174,6 +174,11 @@ class LearningSettings(BaseModel):
     warmup_audit_rate: float = Field(
         default=0.25, ge=0.0, le=1.0, description="Audit rate while audits are few."
     )
+    audit_seed: int | None = Field(
+        default=None,
+        description="Seed of the random audit draws, for runs that must repeat exactly "
+        "(tests, benchmarks); None draws afresh in each process.",
+    )
     fidelity_target: float = Field(
         default=0.9,
         ge=0.5,
