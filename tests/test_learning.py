@@ -71,7 +71,9 @@ def test_adapt_learns_a_new_domain_from_paid_calls(
     assert report.switched, report.reason
     assert report.path is not None and report.path.parent == tmp_path / "cache" / "adapters"
     assert report.after is not None and report.before is not None
-    assert report.after.neighbour_agreement_at_10 > report.before.neighbour_agreement_at_10
+    # It switched because the candidate meets the fidelity target routing fewer texts (its
+    # R@10 with nothing routed may be lower: the gate, not the bare vectors, is compared).
+    assert report.after.fallback_rate < report.before.fallback_rate, report.summary()
     assert embeddings.pipeline.adapter is report.adapter
 
     # Re-embedding what the provider already returned pays for nothing, new adapter or not.
