@@ -658,7 +658,32 @@ def adapter_quality_table() -> str:
     return table(header, rows, "lrrrrrr")
 
 
+def routing_ceiling_table() -> str:
+    """Each gate's routing curve after adapt(), with the calls each fidelity target costs."""
+    rows = []
+    for scenario in results("routing_ceiling")["scenarios"]:
+        for gate, found in scenario["gates"].items():
+            rows.append(
+                [
+                    f"{scenario['scenario']} ({scenario['pairs']} pairs)",
+                    gate,
+                    " / ".join(f"{value:.3f}" for value in found["curve"].values()),
+                    *[f"{routed:.0%}" for routed in found["routed_for"].values()],
+                ]
+            )
+    header = [
+        "corpus",
+        "routing order",
+        "fidelity at 0 / 10 / 20 / 30 / 50% routed",
+        "routed for 0.95",
+        "for 0.97",
+        "for 0.99",
+    ]
+    return table(header, rows, "llrrrr")
+
+
 BENCHMARK_TABLES: dict[str, Callable[[], str]] = {
+    "routing-ceiling": routing_ceiling_table,
     "adapter-quality": adapter_quality_table,
     "performance": performance_table,
     "encoder-backends": encoder_backends_table,
