@@ -152,27 +152,39 @@ def test_adapt_meets_the_fidelity_target_on_unseen_texts_and_predicts_it(
     assert measured.routed >= report.after.fallback_rate - 0.1, (measured, report.after)
 
 
+def cold_start_from_250(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray],
+    parent: Adapter,
+    directory: Path,
+    fidelity_target: float,
+):  # type: ignore[no-untyped-def]
+    """adapt() with no parent from 250 paid texts; its report and what it measures on the rest.
+
+    The user's index will hold all 600 texts (learning.index_size): R@10 is harder in a
+    larger index, so adapt() calibrates for that one, not for the 250 pairs it has.
+    """
+    _, source, native = jeopardy
+    store = PairStore(directory)
+    fill(store, parent, source[:250], native[:250])
+    report = run_adapt(store, None, parent, index_size=PAIRS, fidelity_target=fidelity_target)
+    assert report.switched and report.adapter is not None and report.path is not None
+    assert report.after is not None and report.threshold is not None
+    translated, confidence = report.adapter.translate(source[250:])
+    hits = neighbour_hits(translated, native[250:], native, np.arange(250, PAIRS))
+    return report, FidelityCurve(confidence, hits).at(report.threshold)
+
+
 @pytest.mark.slow
 def test_cold_start_serves_part_of_the_traffic_locally_from_250_paid_texts(
     jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
 ) -> None:
-    _, source, native = jeopardy
-    store = PairStore(tmp_path)
-    fill(store, parent, source[:250], native[:250])
-    # The user's index will hold all 600 texts (learning.index_size): R@10 is harder in a
-    # larger index, so adapt() calibrates for that one, not for the 250 pairs it has.
-    report = run_adapt(store, None, parent, index_size=PAIRS, fidelity_target=0.9)
-    assert report.switched and report.adapter is not None and report.path is not None
-    assert report.after is not None and report.threshold is not None
+    report, measured = cold_start_from_250(jeopardy, parent, tmp_path, fidelity_target=0.9)
     assert report.adapter.flavor == "linear"
     assert report.adapter.manifest.architecture.memory_rows > 0
-    translated, confidence = report.adapter.translate(source[250:])
-    hits = neighbour_hits(translated, native[250:], native, np.arange(250, PAIRS))
-    measured = FidelityCurve(confidence, hits).at(report.threshold)
-    # A good part of the traffic stays local (measured: 39%, predicted 39%) ...
+    # A good part of the traffic stays local (measured: 38%, predicted 39%) ...
     assert measured.routed < 0.8, measured
     assert abs(measured.routed - report.after.fallback_rate) < 0.15, (measured, report.after)
-    # ... at the target, on texts adapt() never saw (measured 0.911 [0.877, 0.937]).
+    # ... at the target, on texts adapt() never saw (measured 0.909 [0.874, 0.934]).
     assert measured.high >= 0.9, measured
 
 
@@ -180,14 +192,7 @@ def test_cold_start_serves_part_of_the_traffic_locally_from_250_paid_texts(
 def test_a_cold_start_asked_for_099_keeps_some_texts_local_at_097_of_native(
     jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
 ) -> None:
-    _, source, native = jeopardy
-    store = PairStore(tmp_path)
-    fill(store, parent, source[:250], native[:250])
-    report = run_adapt(store, None, parent, index_size=PAIRS, fidelity_target=0.99)
-    assert report.switched and report.adapter is not None and report.threshold is not None
-    translated, confidence = report.adapter.translate(source[250:])
-    hits = neighbour_hits(translated, native[250:], native, np.arange(250, PAIRS))
-    measured = FidelityCurve(confidence, hits).at(report.threshold)
+    _, measured = cold_start_from_250(jeopardy, parent, tmp_path, fidelity_target=0.99)
     # Part of the traffic is served locally from 250 paid texts (measured: 6% of the 350
     # unseen texts), and what is returned keeps >= 97% of native (measured 0.991).
     assert measured.routed < 1.0, measured

@@ -8,6 +8,7 @@ really stopped and restarted for the outage tests.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -221,22 +222,17 @@ def test_a_database_outage_costs_no_request_and_loses_no_vector(
         assert conn.execute("SELECT count(*) FROM ae_provider_vectors").fetchone() == (len(TEXTS),)
 
 
-@pytest.fixture
-def fleet(
-    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+@contextlib.contextmanager
+def serve_processes(
+    mode: str, adapter: Path, proxy: RecordingProxy, directory: Path, env: dict[str, str]
 ) -> Iterator[list[CommandServer]]:
     """Two real ``adapted-embeddings serve`` processes, own cache directories, one store."""
     servers: list[CommandServer] = []
     try:
         for name in ("a", "b"):
-            arguments = ["--adapter", str(e5_adapter_path), "--mode", "provider"]
-            arguments += ["--base-url", recording_proxy.base_url]
-            arguments += ["--cache-dir", str(tmp_path / name)]
-            servers.append(
-                start_command_server(
-                    arguments, tmp_path / f"{name}.log", env={STORE_URL: store_url}
-                )
-            )
+            arguments = ["--adapter", str(adapter), "--mode", mode]
+            arguments += ["--base-url", proxy.base_url, "--cache-dir", str(directory / name)]
+            servers.append(start_command_server(arguments, directory / f"{name}.log", env))
         yield servers
     finally:
         for server in servers:
@@ -246,6 +242,17 @@ def fleet(
                 server.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.process.kill()
+
+
+@pytest.fixture
+def fleet(
+    store_url: str, e5_adapter_path: Path, recording_proxy: RecordingProxy, tmp_path: Path
+) -> Iterator[list[CommandServer]]:
+    """Two serve processes answering from the provider, sharing the test's store."""
+    with serve_processes(
+        "provider", e5_adapter_path, recording_proxy, tmp_path, {STORE_URL: store_url}
+    ) as servers:
+        yield servers
 
 
 def drive(servers: list[CommandServer], texts: list[str], callers: int = 8) -> list[np.ndarray]:
@@ -497,17 +504,7 @@ def test_a_thirty_second_outage_mid_stream_fails_no_request_and_loses_no_pair(
         "ADAPTED_EMBEDDINGS_LEARNING__AUTO_ADAPT_EVERY": "0",
         STORE_URL: store_url,
     }
-    servers = []
-    try:
-        for name in ("a", "b"):
-            arguments = ["--adapter", str(e5_adapter_path), "--mode", "hybrid"]
-            arguments += [
-                "--base-url",
-                recording_proxy.base_url,
-                "--cache-dir",
-                str(tmp_path / name),
-            ]
-            servers.append(start_command_server(arguments, tmp_path / f"{name}.log", learning))
+    with serve_processes("hybrid", e5_adapter_path, recording_proxy, tmp_path, learning) as servers:
         clients = [
             openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0) for s in servers
         ]
@@ -568,11 +565,3 @@ def test_a_thirty_second_outage_mid_stream_fails_no_request_and_loses_no_pair(
         # Every vector and every pair paid for reached the store, once each.
         wait_for(lambda: stored() == (len(texts), len(texts)), 10.0)
         assert sorted(recording_proxy.texts) == texts
-    finally:
-        for server in servers:
-            server.process.terminate()
-        for server in servers:
-            try:
-                server.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.process.kill()

@@ -80,6 +80,23 @@ TORCH_FREE_RUN = textwrap.dedent(
 )
 
 
+def assert_same_as_on_torch(vectors: list[list[float]]) -> None:
+    """The same pipeline here, on torch: the adapter's outputs must agree text by text."""
+    reference = np.asarray(
+        AdaptedEmbeddings(
+            model="text-embedding-ada-002",
+            mode="local",
+            cache=False,
+            source=SentenceTransformerEncoder(backend="torch"),
+        ).embed_documents(TEXTS)
+    )
+    found = np.asarray(vectors)
+    cosines = np.sum(found * reference, axis=1) / (
+        np.linalg.norm(found, axis=1) * np.linalg.norm(reference, axis=1)
+    )
+    assert cosines.min() >= 0.9999, cosines
+
+
 @pytest.mark.slow
 def test_embeds_serves_and_runs_bulk_jobs_without_torch(tmp_path: Path) -> None:
     dataset = tmp_path / "texts.jsonl"
@@ -110,21 +127,8 @@ def test_embeds_serves_and_runs_bulk_jobs_without_torch(tmp_path: Path) -> None:
     assert found["loaded"] == []
     assert len(found["graphs"]) == 1 and found["graphs"][0].endswith(".onnx")
 
-    # The same pipeline here, on torch: the adapter's outputs must agree text by text.
-    reference = np.asarray(
-        AdaptedEmbeddings(
-            model="text-embedding-ada-002",
-            mode="local",
-            cache=False,
-            source=SentenceTransformerEncoder(backend="torch"),
-        ).embed_documents(TEXTS)
-    )
     for route in ("langchain", "server"):
-        vectors = np.asarray(found[route])
-        cosines = np.sum(vectors * reference, axis=1) / (
-            np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
-        )
-        assert cosines.min() >= 0.9999, (route, cosines)
+        assert_same_as_on_torch(found[route])
     written = sorted((tmp_path / "out").glob("*"))
     assert written, "embed-dataset wrote nothing"
 
@@ -196,16 +200,5 @@ def test_a_real_install_without_torch_embeds_and_serves(tmp_path: Path) -> None:
         server.process.terminate()
         server.process.wait(timeout=30)
 
-    reference = np.asarray(
-        AdaptedEmbeddings(
-            model="text-embedding-ada-002",
-            mode="local",
-            cache=False,
-            source=SentenceTransformerEncoder(backend="torch"),
-        ).embed_documents(TEXTS)
-    )
-    for vectors in (np.asarray(cli_vectors), np.asarray(server_vectors)):
-        cosines = np.sum(vectors * reference, axis=1) / (
-            np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
-        )
-        assert cosines.min() >= 0.9999, cosines
+    assert_same_as_on_torch(cli_vectors)
+    assert_same_as_on_torch(server_vectors)
