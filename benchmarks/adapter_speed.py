@@ -116,7 +116,7 @@ def time_memory(rounds: int, calls: int) -> dict[str, object]:
     ``learning.memory.MEMORY_ROWS`` pairs, the most an adapted adapter remembers.
     """
     from adapted_embeddings import Adapter
-    from adapted_embeddings.adapter.memory import memory_shapes
+    from adapted_embeddings.adapter.network import memory_shapes
     from adapted_embeddings.learning.memory import MEMORY_ROWS
     from adapted_embeddings.registry import find_adapter
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from adapted_embeddings.adapter import Adapter
-from adapted_embeddings.adapter.memory import MEMORY_FEATURES, apply_memory
+from adapted_embeddings.adapter.memory import apply_memory
+from adapted_embeddings.adapter.network import MEMORY_FEATURES
 from adapted_embeddings.errors import AdapterLoadError
 from adapted_embeddings.learning.adapt import AdaptOptions, _fit
 from adapted_embeddings.learning.fidelity import FidelityCurve, neighbour_hits

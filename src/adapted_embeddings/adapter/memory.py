@@ -35,9 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from adapted_embeddings.adapter.manifest import ArchitectureConfig
-
-MEMORY_FEATURES = 6
-"""Inputs of the memory head (see the module docstring)."""
+from adapted_embeddings.adapter.network import sigmoid
 
 CANDIDATES = 16
 """Nearest remembered sources whose native vectors the landing features read."""
@@ -45,22 +43,6 @@ CANDIDATES = 16
 _DEPTH = 10
 _CONFIDENCE_FLOOR = 1e-6
 _CHUNK_ROWS = 128  # bounds the (rows, candidates, d_target) gathers to ~12 MB at 1536
-
-
-def memory_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the memory tensors an adapter with ``arch`` must hold."""
-    rows = arch.memory_rows
-    if not rows:
-        return {}
-    return {
-        "memory.source": (rows, arch.input_dim),
-        "memory.residual": (rows, arch.output_dim),
-        "memory.target": (rows, arch.output_dim),
-        "memory.head.mean": (MEMORY_FEATURES,),
-        "memory.head.scale": (MEMORY_FEATURES,),
-        "memory.head.weight": (MEMORY_FEATURES,),
-        "memory.head.bias": (1,),
-    }
 
 
 def nearest(similarities: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,9 +118,7 @@ def head_features(confidence: np.ndarray, source_top: np.ndarray, landed: np.nda
 def head_confidence(features: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
     """The memory head's confidence in [0, 1] for ``(n, 6)`` features."""
     scaled = (features - weights["memory.head.mean"]) / weights["memory.head.scale"]
-    logits = scaled @ weights["memory.head.weight"] + weights["memory.head.bias"][0]
-    np.clip(logits, -30, 30, out=logits)
-    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    return sigmoid(scaled @ weights["memory.head.weight"] + weights["memory.head.bias"][0])
 
 
 def apply_memory(

@@ -28,13 +28,32 @@ from typing import NamedTuple
 import numpy as np
 
 from adapted_embeddings.adapter.manifest import ArchitectureConfig
-from adapted_embeddings.adapter.memory import memory_shapes
 
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_C3 = np.float32(0.044715 * np.sqrt(2.0 / np.pi))
 _EPS = np.float32(1e-12)
 _LOGIT_CLIP = 30.0
 _QUALITY_KEYS = ("quality.feature_scale", "quality.weight", "gate.weight")
+
+
+MEMORY_FEATURES = 6
+"""Inputs of the memory head (see :mod:`adapted_embeddings.adapter.memory`)."""
+
+
+def memory_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the memory tensors an adapter with ``arch`` must hold."""
+    rows = arch.memory_rows
+    if not rows:
+        return {}
+    return {
+        "memory.source": (rows, arch.input_dim),
+        "memory.residual": (rows, arch.output_dim),
+        "memory.target": (rows, arch.output_dim),
+        "memory.head.mean": (MEMORY_FEATURES,),
+        "memory.head.scale": (MEMORY_FEATURES,),
+        "memory.head.weight": (MEMORY_FEATURES,),
+        "memory.head.bias": (1,),
+    }
 
 
 def expected_shapes(arch: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
