@@ -344,7 +344,7 @@ class EmbeddingCache:
 
     def get_many(self, keys: list[str], *, dimensions: int) -> list[CachedEmbedding | None]:
         """Look up keys; a missing, stale or malformed entry is a miss, never an error."""
-        found = self._read(keys, dimensions)
+        found = self._lookup(keys, dimensions)
         with self._lock:
             hits = sum(entry is not None for entry in found)
             self._hits += hits
@@ -377,8 +377,12 @@ class EmbeddingCache:
 
     def peek_provider_vectors(self, keys: list[str], *, dimensions: int) -> list[np.ndarray | None]:
         """Provider vectors stored under keys (None elsewhere), without counting hits."""
-        found = self._read(keys, dimensions)
+        found = self._lookup(keys, dimensions)
         return [e.vector if e is not None and e.route == "provider" else None for e in found]
+
+    def _lookup(self, keys: list[str], dimensions: int) -> list[CachedEmbedding | None]:
+        """Where lookups read: this disk (a tiered cache reads its other tiers after it)."""
+        return self._read(keys, dimensions)
 
     def _read(self, keys: list[str], dimensions: int) -> list[CachedEmbedding | None]:
         """Entries under keys; unreadable ones are misses, and ones failing checks are dropped."""

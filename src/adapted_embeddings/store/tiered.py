@@ -28,8 +28,6 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
-
 from adapted_embeddings.cache import (
     CachedEmbedding,
     EmbeddingCache,
@@ -74,20 +72,6 @@ class SharedCache(EmbeddingCache):
 
     # -- entries --------------------------------------------------------------------------
 
-    def get_many(self, keys: list[str], *, dimensions: int) -> list[CachedEmbedding | None]:
-        """Look up keys on disk, then the misses in the shared store (hits are copied down)."""
-        found = self._both_tiers(keys, dimensions)
-        with self._lock:
-            hits = sum(entry is not None for entry in found)
-            self._hits += hits
-            self._misses += len(found) - hits
-        return found
-
-    def peek_provider_vectors(self, keys: list[str], *, dimensions: int) -> list[np.ndarray | None]:
-        """Provider vectors under keys in either tier (None elsewhere), without counting hits."""
-        found = self._both_tiers(keys, dimensions)
-        return [e.vector if e is not None and e.route == "provider" else None for e in found]
-
     def put_many(self, items: list[tuple[str, CachedEmbedding]]) -> None:
         """Store entries on disk; provider vectors also in the shared store (queued if down)."""
         super().put_many(items)
@@ -128,7 +112,8 @@ class SharedCache(EmbeddingCache):
                 self._dropped = 0
             return len(self._pending)
 
-    def _both_tiers(self, keys: list[str], dimensions: int) -> list[CachedEmbedding | None]:
+    def _lookup(self, keys: list[str], dimensions: int) -> list[CachedEmbedding | None]:
+        """Keys on disk, then the misses in the shared store (hits are copied down)."""
         found = self._read(keys, dimensions)
         missing = [key for key, entry in zip(keys, found, strict=True) if entry is None]
         if not missing:
