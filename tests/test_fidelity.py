@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import multiprocessing
+import shutil
 import stat
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from adapted_embeddings.learning.adapt import MIN_ADAPT_PAIRS, AdaptOptions, ada
 from adapted_embeddings.learning.fidelity import FidelityCurve, index_weights, neighbour_hits
 from adapted_embeddings.learning.pairs import PairRecord, PairStore
 from adapted_embeddings.learning.plausibility import check_provider_vectors
-from adapted_embeddings.registry import find_adapter
+from adapted_embeddings.registry import find_adapter, newest_adapted
 from adapted_embeddings.settings import LearningSettings
 from adapted_embeddings.training.corpora import load_jeopardy
 
@@ -362,3 +363,26 @@ def test_two_processes_adapting_at_once_take_different_versions(
                      "all-minilm-l6-v2-to-text-embedding-ada-002-adapted-v2"]  # fmt: skip
     for name in paths:
         Adapter.load(tmp_path / "adapters" / name)  # both complete and loadable
+
+
+def test_only_the_newest_adapted_versions_are_kept(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
+) -> None:
+    _, source, native = jeopardy
+    store = PairStore(tmp_path / "store")
+    fill(store, parent, source[:200], native[:200])
+    settings = LearningSettings(adapter_dir=tmp_path / "adapters", keep_adapters=2)
+    unrelated = tmp_path / "adapters" / "my-own-adapter"  # not adapt()'s: never touched
+    shutil.copytree(parent.path, unrelated)
+    saved = [
+        adapt(store, parent=None, source=parent.source, target=parent.target, settings=settings)
+        for _ in range(4)
+    ]
+    assert all(report.path is not None for report in saved)
+    root = "all-minilm-l6-v2-to-text-embedding-ada-002-adapted-v"
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [
+        f"{root}3", f"{root}4", "my-own-adapter"
+    ]  # fmt: skip
+    newest = newest_adapted(tmp_path / "adapters", source=parent.source, target=parent.target)
+    assert newest is not None and newest.name == f"{root}4"
+    Adapter.load(tmp_path / "adapters" / f"{root}4")

@@ -5,7 +5,9 @@ Lookups read only the small JSON manifests; weights are loaded when an adapter i
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,8 @@ from adapted_embeddings.adapter.persistence import read_manifest
 from adapted_embeddings.errors import AdapterLoadError, AdapterNotFoundError
 from adapted_embeddings.learning.lineage import lineage
 from adapted_embeddings.spaces import EmbeddingSpace
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_ADAPTER_DIR = Path(__file__).resolve().parent / "adapters"
 """Where the pre-trained adapters shipped with the package live."""
@@ -167,6 +171,33 @@ def newest_adapted(
     directory: str | Path, *, source: EmbeddingSpace, target: EmbeddingSpace
 ) -> RegistryEntry | None:
     """The newest adapter ``adapt()`` saved in ``directory`` for exactly (source, target)."""
+    adapted = _adapted_oldest_first(directory, source, target)
+    return adapted[-1] if adapted else None
+
+
+def prune_adapted(
+    directory: str | Path, *, source: EmbeddingSpace, target: EmbeddingSpace, keep: int
+) -> None:
+    """Delete all but the ``keep`` newest adapted adapters for (source, target) in ``directory``.
+
+    Each holds its memory of pairs (~28 MB for ada-002 with 2,048 pairs), and automatic
+    adaptation saves one every ``learning.auto_adapt_every`` pairs (a fleet node fetches
+    one per fleet switch). A process using a deleted one keeps it in memory; one that
+    cannot be deleted stays, with a warning.
+    """
+    adapted = _adapted_oldest_first(directory, source, target)
+    for entry in adapted[: max(len(adapted) - keep, 0)]:
+        try:
+            shutil.rmtree(entry.path)
+        except OSError as exc:
+            logger.warning("could not delete the old adapted adapter %s: %s", entry.path, exc)
+        else:
+            logger.info("deleted the old adapted adapter %s (learning.keep_adapters)", entry.path)
+
+
+def _adapted_oldest_first(
+    directory: str | Path, source: EmbeddingSpace, target: EmbeddingSpace
+) -> list[RegistryEntry]:
     candidates = []
     for entry in _scan(Path(directory).expanduser(), builtin=False):
         recorded = lineage(entry.manifest)
@@ -174,7 +205,7 @@ def newest_adapted(
             continue
         if entry.manifest.source == source and entry.manifest.target == target:
             candidates.append((float(recorded.get("created_unix", 0.0)), entry.name, entry))
-    return max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
+    return [entry for *_, entry in sorted(candidates, key=lambda c: (c[0], c[1]))]
 
 
 def describe_available(*, extra_dirs: Iterable[str | Path] = ()) -> list[str]:

@@ -229,6 +229,13 @@ class LearningSettings(BaseModel):
         default=None,
         description="Where adapt() saves adapted adapters (default: <cache dir>/adapters).",
     )
+    keep_adapters: int = Field(
+        default=3,
+        ge=1,
+        description="Adapted versions of one adapter kept in adapter_dir: after saving a "
+        "new one, adapt() deletes the older ones (each holds its memory of pairs, ~28 MB for "
+        "ada-002). A bulk run pinned to a deleted version must be pinned to another.",
+    )
 
 
 class StoreSettings(BaseModel):

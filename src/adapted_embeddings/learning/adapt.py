@@ -320,7 +320,7 @@ def adapt(
         adapter = _finalise(candidate, parent, floor, report, options.seed, parent_thresholds)
         if options.save:
             directory = adapter_dir or adapted_adapter_dir(settings, store.directory)
-            report.path = _save(adapter, directory, source, target)
+            report.path = _save(adapter, directory, source, target, settings.keep_adapters)
         report.adapter = adapter
         report.switched = True
     report.seconds = round(time.perf_counter() - started, 2)
@@ -832,14 +832,21 @@ _SAVE_ATTEMPTS = 20
 
 
 def _save(
-    adapter: Adapter, directory: Path, source: EmbeddingSpace, target: EmbeddingSpace
+    adapter: Adapter,
+    directory: Path,
+    source: EmbeddingSpace,
+    target: EmbeddingSpace,
+    keep: int,
 ) -> Path:
     """Save under ``<root>-adapted-v<N>`` (the next free N), private (0700/0600).
 
     Two processes adapting at once take different versions: a version another writer took
     first is skipped. Any I/O failure (a full disk, a read-only directory) is an
     :class:`AdaptationError` naming the directory; nothing half-written is left behind.
+    Then only the ``keep`` newest adapted adapters for (source, target) stay there.
     """
+    from adapted_embeddings.registry import prune_adapted
+
     root = _safe_name(adapter.manifest.training[LINEAGE_KEY]["root"])
     pattern = re.compile(re.escape(root) + r"-adapted-v(\d+)")
     try:
@@ -857,6 +864,7 @@ def _save(
             except FileExistsError:
                 continue  # another process took this version first
             logger.info("saved adapted adapter %s (%s -> %s)", path, source.id, target.id)
+            prune_adapted(directory, source=source, target=target, keep=keep)
             return path
     except OSError as exc:
         raise AdaptationError(

@@ -139,7 +139,9 @@ def follow_fleet_adapters(
     from adapted_embeddings.store.adapters import AdapterFollower
 
     learned = adapted_adapter_dir(settings.learning, settings.cache.directory)
-    follower = AdapterFollower(pipeline, shared_store(settings), learned)
+    follower = AdapterFollower(
+        pipeline, shared_store(settings), learned, keep=settings.learning.keep_adapters
+    )
     follower.start()
     return follower
 

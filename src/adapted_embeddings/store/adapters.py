@@ -29,6 +29,7 @@ import psycopg
 
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.errors import AdapterLoadError
+from adapted_embeddings.registry import prune_adapted
 from adapted_embeddings.store.postgres import PostgresStore, StoreUnavailableError
 
 if TYPE_CHECKING:
@@ -47,13 +48,20 @@ class AdapterFollower:
         learned_dir: Path,
         *,
         poll_seconds: float = 1.0,
+        keep: int = 3,
     ) -> None:
-        """Follow the store for ``pipeline``; adapters it fetches are kept in ``learned_dir``."""
+        """Follow the store for ``pipeline``; adapters it fetches are kept in ``learned_dir``.
+
+        After each fetch only the ``keep`` newest adapted adapters stay there
+        (``learning.keep_adapters``).
+        """
         self._pipeline = weakref.ref(pipeline)  # the thread must not keep a pipeline alive
         self.shared = shared
         self.learned_dir = learned_dir
         self.poll_seconds = poll_seconds
         self.source, self.target = pipeline.encoder.space.id, pipeline.space.id
+        self._spaces = {"source": pipeline.encoder.space, "target": pipeline.space}
+        self.keep = keep
         self._published: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -194,4 +202,6 @@ class AdapterFollower:
             incoming.rename(final)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
-        return Adapter.load(final)
+        fetched = Adapter.load(final)
+        prune_adapted(self.learned_dir, keep=self.keep, **self._spaces)
+        return fetched
