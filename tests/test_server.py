@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from adapted_embeddings.cli import app as cli_app
+from adapted_embeddings.datasets import available_cores
 from adapted_embeddings.encoders import SentenceTransformerEncoder
 from adapted_embeddings.errors import ConfigurationError
 from adapted_embeddings.langchain import AdaptedEmbeddings
@@ -762,6 +763,9 @@ def test_command_with_two_workers_serves_and_requires_its_token(tmp_path: Path) 
         assert all(len(a.data[0].embedding) == 1536 for a in answers)
         denied = httpx.post(f"{server.base_url}/embeddings", json={"input": "x", "model": ADA})
         assert denied.status_code == 401
+        # Each worker takes its share of the cores (encoder.threads was not set).
+        health = httpx.get(f"{server.url}/healthz").json()
+        assert health["encoder"]["threads"] == max(1, available_cores() // 2), health
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:

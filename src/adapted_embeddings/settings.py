@@ -86,8 +86,8 @@ class EncoderSettings(BaseModel):
         ge=1,
         description="Intra-op threads of the local model in each process (each server "
         "worker, each Python process; bulk runs' --threads overrides it per CLI run and Ray "
-        "actor). None: one per core. With several processes on the same cores, give each "
-        "its share: cores / processes.",
+        "actor). None: one per core, and with serve --workers N, cores / N per worker. "
+        "With several processes of your own on the same cores, give each its share.",
     )
     batch_tokens: int = Field(
         default=BATCH_TOKENS,

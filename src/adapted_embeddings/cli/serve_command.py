@@ -145,6 +145,7 @@ def _run_workers(
     """Hand the settings to ``workers`` processes by environment; each builds its pipeline."""
     import uvicorn
 
+    from adapted_embeddings.datasets import available_cores
     from adapted_embeddings.factory import PipelineOptions
     from adapted_embeddings.provider import require_credentials
 
@@ -152,6 +153,12 @@ def _run_workers(
     if resolved.gate.mode != "local":
         require_credentials(resolved.provider)  # fail here, not once per worker
     os.environ[keywords_env] = json.dumps(keywords)
+    if resolved.encoder.threads is None:
+        # N workers on the same cores: each takes its share, or their thread pools wait
+        # on each other (set encoder.threads to choose otherwise).
+        os.environ["ADAPTED_EMBEDDINGS_ENCODER__THREADS"] = str(
+            max(1, available_cores() // settings.workers)
+        )
     for name, value in settings.model_dump(exclude_unset=True).items():
         secret = getattr(value, "get_secret_value", None)
         os.environ[f"ADAPTED_EMBEDDINGS_SERVER_{name.upper()}"] = str(secret() if secret else value)

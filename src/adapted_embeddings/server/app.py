@@ -126,6 +126,16 @@ def create_app_from_environment() -> FastAPI:
     return create_app(ServerSettings(), **keywords)
 
 
+def _encoder_facts(encoder: Any) -> dict[str, Any] | None:
+    """What runs the local model: its backend and intra-op threads (None: one per core)."""
+    backend = getattr(encoder, "backend", None)
+    if backend is None:
+        return None  # an encoder of the caller's own
+    from adapted_embeddings.onnx_encoder import model_threads
+
+    return {"backend": backend, "threads": model_threads(getattr(encoder, "threads", None))}
+
+
 def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI:
     metrics = ServerMetrics()
     admission = Admission(settings.max_concurrent_requests, settings.retry_after_seconds)
@@ -266,6 +276,7 @@ def _build_app(settings: ServerSettings, pipeline: EmbeddingPipeline) -> FastAPI
             "space": space.id,
             "adapter": pipeline.adapter.name if pipeline.adapter else None,
             "mode": pipeline.gate.mode,
+            "encoder": _encoder_facts(pipeline.encoder),
             "in_flight": admission.active,
             "limit": admission.limit,
         }
