@@ -565,3 +565,30 @@ def test_a_thirty_second_outage_mid_stream_fails_no_request_and_loses_no_pair(
         # Every vector and every pair paid for reached the store, once each.
         wait_for(lambda: stored() == (len(texts), len(texts)), 10.0)
         assert sorted(recording_proxy.texts) == texts
+
+
+def test_the_store_keeps_only_the_newest_published_adapters(
+    store_url: str,
+    recording_proxy: RecordingProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ADAPTED_EMBEDDINGS_LEARNING__KEEP_ADAPTERS", "2")
+    first = following_node(recording_proxy, tmp_path / "a")
+    bundled = first.pipeline.adapter
+    assert bundled is not None
+
+    def published() -> list[str]:
+        with psycopg.connect(store_url) as conn:
+            rows = conn.execute("SELECT adapter_id FROM ae_adapters ORDER BY seq").fetchall()
+        return [row[0] for row in rows]
+
+    versions = []
+    for version in (1, 2, 3):
+        versions.append(adapt_to_new_version(tmp_path / "a", bundled, version))
+        first.pipeline.use_adapter(versions[-1])
+        wait_for(lambda: versions[-1].id in published(), 5.0)
+    assert published() == [versions[1].id, versions[2].id]
+    with psycopg.connect(store_url) as conn:
+        owners = conn.execute("SELECT DISTINCT adapter_id FROM ae_adapter_files").fetchall()
+    assert sorted(row[0] for row in owners) == sorted([versions[1].id, versions[2].id])

@@ -117,7 +117,10 @@ class AdapterFollower:
         )
 
     def publish(self, adapter: Adapter) -> None:
-        """Put ``adapter``'s directory in the store, whole, in one transaction (once)."""
+        """Put ``adapter``'s directory in the store, whole, in one transaction (once).
+
+        The store then keeps the ``keep`` newest published for this (source, target).
+        """
         assert adapter.path is not None
         files = {
             path.name: path.read_bytes()
@@ -150,6 +153,13 @@ class AdapterFollower:
                             for name, content in files.items()
                         ],
                     )
+                # The store keeps as many as each node's disk (files go with ON DELETE CASCADE).
+                conn.execute(
+                    "DELETE FROM ae_adapters WHERE source_space = %s AND target_space = %s "
+                    "AND seq NOT IN (SELECT seq FROM ae_adapters WHERE source_space = %s "
+                    "AND target_space = %s ORDER BY seq DESC LIMIT %s)",
+                    (self.source, self.target, self.source, self.target, self.keep),
+                )
 
         self.shared.run(write)
         self._published.add(adapter.id)
