@@ -331,6 +331,77 @@ def encoder_backends_table() -> str:
     return table(["texts", "torch", "onnx", "speed-up", "min cosine to torch"], rows, "lrrrr")
 
 
+def encoder_grid_table() -> str:
+    """Every cell of the backends' grid: corpus x threads x batch, torch against ONNX."""
+    data = results("encoder_backends")
+    words = data["settings"]["mean_word_pieces"]
+    labels = {
+        "short": "{texts} docstring heads (~{words:.0f} word pieces)",
+        "long": "{texts} whole docstrings (~{words:.0f} word pieces)",
+    }
+    cells = {(c["corpus"], c["threads"], c["batch"], c["backend"]): c for c in data["grid"]}
+    rows = []
+    for corpus, threads, batch, backend in cells:
+        if backend != "onnx":
+            continue
+        torch, onnx = (
+            cells[(corpus, threads, batch, "torch")],
+            cells[(corpus, threads, batch, "onnx")],
+        )
+        rows.append(
+            [
+                labels[corpus].format(texts=onnx["texts"], words=words[corpus]),
+                str(threads),
+                str(batch),
+                f"{torch['texts_per_second']:.1f}",
+                f"{onnx['texts_per_second']:.1f}",
+                f"{onnx['speedup_vs_torch']:.2f}×",
+                f"{onnx['min_cosine_to_torch']:.7f}",
+            ]
+        )
+    header = ["texts", "threads", "batch", "torch texts/s", "onnx texts/s", "onnx vs torch"]
+    return table([*header, "min cosine"], rows, "lrrrrrr")
+
+
+def encoder_library_table() -> str:
+    """The backends through the library: the bulk CLI and the server, one process each."""
+    library = results("encoder_backends")["library"]
+    bulk, server = library["embed_dataset"], library["server"]
+
+    def latency(backend: str, concurrency: int) -> str:
+        found = server[backend][f"concurrency_{concurrency}"]
+        return f"{found['p50_ms']:.1f} / {found['p99_ms']:.1f} ms"
+
+    def ratio(concurrency: int) -> str:
+        torch = server["torch"][f"concurrency_{concurrency}"]["p50_ms"]
+        onnx = server["onnx"][f"concurrency_{concurrency}"]["p50_ms"]
+        return f"{torch / onnx:.1f}× (p50)"
+
+    rows = [
+        [
+            f"`embed-dataset --engine local`, {bulk['torch']['texts']} docstring texts "
+            '(texts/s, its own "in X s")',
+            f"{bulk['torch']['texts_per_second']:.1f}",
+            f"{bulk['onnx']['texts_per_second']:.1f}",
+            f"{bulk['speedup']:.1f}×",
+        ],
+        [
+            "its worker's peak RSS",
+            f"{bulk['torch']['worker_peak_rss_mb']:,.0f} MB",
+            f"{bulk['onnx']['worker_peak_rss_mb']:,.0f} MB",
+            "",
+        ],
+        [
+            "server cache miss, one text a request, concurrency 1: p50 / p99",
+            latency("torch", 1),
+            latency("onnx", 1),
+            ratio(1),
+        ],
+        ["same, concurrency 8: p50 / p99", latency("torch", 8), latency("onnx", 8), ratio(8)],
+    ]
+    return table(["measurement", "torch", "onnx", "onnx vs torch"], rows, "lrrr")
+
+
 def bulk_table() -> str:
     """Throughput and memory of the in-process pipeline, the CLI engine and Ray."""
     data = results("bulk_embedding")
@@ -687,6 +758,8 @@ BENCHMARK_TABLES: dict[str, Callable[[], str]] = {
     "adapter-quality": adapter_quality_table,
     "performance": performance_table,
     "encoder-backends": encoder_backends_table,
+    "encoder-grid": encoder_grid_table,
+    "encoder-library": encoder_library_table,
     "bulk": bulk_table,
     "bulk-memory": bulk_memory_table,
     "bulk-projection": bulk_projection_table,
