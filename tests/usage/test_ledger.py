@@ -192,3 +192,19 @@ def test_a_guard_trip_is_counted_with_the_audits_that_caused_it(
     gauge = re.search(r"^adapted_embeddings_audited_quality (\S+)$", metrics, re.MULTILINE)
     assert gauge is not None
     assert float(gauge.group(1)) == pytest.approx(sum(r.audit_passes for r in rows) / audits)
+
+
+def test_a_relative_cache_directory_stays_where_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ledger and the pair store are opened again at each use, after the process may
+    # have changed its working directory: the relative path is taken when it is given.
+    monkeypatch.chdir(tmp_path)
+    embeddings = AdaptedEmbeddings(model="text-embedding-ada-002", mode="local", cache_dir="c")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    embeddings.embed_documents(["The Nile is the longest river in Africa."])
+    assert embeddings.usage_report(since=None).total.texts == 1
+    assert (tmp_path / "c" / "usage.sqlite3").is_file()
+    assert list(elsewhere.iterdir()) == []

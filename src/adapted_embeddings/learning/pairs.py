@@ -135,7 +135,7 @@ class PairStore:
         Every method raises :class:`PairStoreError` if the file is not a readable pair
         store; :meth:`clear` is the way out (it moves a damaged file aside).
         """
-        self.directory = Path(directory).expanduser()
+        self.directory = Path(directory).expanduser().absolute()  # opened again later
         self.path = self.directory / PAIR_STORE_FILE
         self.max_pairs = max_pairs
         self.store_text = store_text

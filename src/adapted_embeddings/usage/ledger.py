@@ -159,8 +159,12 @@ class SQLiteLedgerStore:
     """The ledger in ``<cache dir>/usage.sqlite3``, shared by every process using the cache."""
 
     def __init__(self, directory: str | Path) -> None:
-        """Keep the ledger in ``directory`` (created 0700 if missing); opened on each use."""
-        self.directory = Path(directory).expanduser()
+        """Keep the ledger in ``directory`` (created 0700 if missing); opened on each use.
+
+        A relative ``directory`` is taken from the working directory now: the ledger is
+        written later (at a flush, at exit), when the process may be working elsewhere.
+        """
+        self.directory = Path(directory).expanduser().absolute()
         self.path = self.directory / LEDGER_FILE
 
     @property
