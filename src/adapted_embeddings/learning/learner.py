@@ -189,8 +189,7 @@ class DomainLearner:
             if self._adapting.is_set():
                 return False
             # A fleet's shared pair store lets one node at a time adapt for all of them.
-            claim = getattr(self.store, "claim_fleet_adaptation", None)
-            if claim is not None and not claim():
+            if self.store is not None and not self.store.claim_fleet_adaptation():
                 self._pairs_since_adapt = 0  # another node is learning from these pairs
                 return False
             self._adapting.set()
@@ -199,9 +198,8 @@ class DomainLearner:
 
     def adaptation_finished(self) -> None:
         """Release the background adaptation slot."""
-        release = getattr(self.store, "release_fleet_adaptation", None)
-        if release is not None:
-            release()
+        if self.store is not None:
+            self.store.release_fleet_adaptation()
         self._adapting.clear()
 
     def _maybe_adapt(self, stored: int) -> None:

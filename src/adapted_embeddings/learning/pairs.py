@@ -265,6 +265,17 @@ class PairStore:
             str(self.path), source.id, target.id, sum(by_kind.values()), by_kind, newest
         )
 
+    def claim_fleet_adaptation(self) -> bool:
+        """Whether this node may run ``adapt()`` now: a store of its own always may.
+
+        A store shared by a fleet lets one node at a time adapt for all (see
+        :class:`~adapted_embeddings.store.pairs.SharedPairStore`).
+        """
+        return True
+
+    def release_fleet_adaptation(self) -> None:
+        """Give back what :meth:`claim_fleet_adaptation` took (nothing here)."""
+
     def close(self) -> None:
         """Close the SQLite connection."""
         with self._lock:
