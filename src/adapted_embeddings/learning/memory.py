@@ -36,6 +36,13 @@ TEMPERATURE = 0.1
 STEPS = (0.0, 0.5, 1.0)
 """Correction steps tried (share of the neighbours' weighted residual)."""
 
+_HEAD_TENSORS = {
+    "weight": "weight",
+    "bias": "bias",
+    "mean": "feature_mean",
+    "scale": "feature_scale",
+}
+"""The memory head's tensors, by the names :func:`fit_quality_head` gives them."""
 _JUDGED_ROWS = 768
 _HEAD_ROWS = 2048
 _HEAD_L2 = 0.5
@@ -112,8 +119,10 @@ def fit_memory(
     fitted = fit_quality_head(
         features, hits, l2=_HEAD_L2 / len(features), sample_weights=weights[fitted_on]
     )
-    head = {key.replace("quality.", "memory.head."): value for key, value in fitted.items()}
-    head = {key.replace("feature_", ""): value for key, value in head.items()}
+    head = {
+        f"memory.head.{name}": fitted[f"quality.{fitted_as}"]
+        for name, fitted_as in _HEAD_TENSORS.items()
+    }
     tensors = {
         "memory.source": source_unit[kept],
         "memory.residual": residual.astype(np.float32),
