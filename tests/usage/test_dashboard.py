@@ -75,6 +75,11 @@ def test_usage_endpoint_answers_the_report_behind_the_key(server: ThreadedServer
     assert basic.json()["total"] == total
     bad = httpx.get(f"{server.base_url}/usage", params={"since": "soon"}, auth=("me", KEY)).json()
     assert bad["error"]["param"] == "since" and "since='soon'" in bad["error"]["message"]
+    huge = httpx.get(  # past Python's 4,300-digit integer limit, and past the 6 allowed
+        f"{server.base_url}/usage", params={"since": "9" * 5000 + "d"}, auth=("me", KEY)
+    )
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "since"
+    assert len(huge.json()["error"]["message"]) < 300
     garbled = httpx.get(
         f"{server.base_url}/usage",
         headers={"Authorization": "Basic !!" + base64.b64encode(b"x").decode()},

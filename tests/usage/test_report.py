@@ -6,6 +6,7 @@ import base64
 import json
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,10 @@ def test_usage_report_counts_local_texts_and_what_they_would_have_cost(
     assert report.as_dict()["total"]["share_local"] == 1.0
     with pytest.raises(InvalidInputError, match="since='last week'"):
         embeddings.usage_report(since="last week")
+    for longest in ("999999w", timedelta.max):  # reaching before 1970: everything
+        assert embeddings.usage_report(since=longest).total.texts == total.texts
+    with pytest.raises(InvalidInputError, match="at most 6 digits"):
+        embeddings.usage_report(since="1000000w")
 
 
 def test_usage_report_without_a_cache_says_what_to_turn_on() -> None:

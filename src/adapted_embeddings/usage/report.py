@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from adapted_embeddings.pipeline import EmbeddingPipeline
 
 GroupBy = Literal["day", "adapter"]
-_SINCE = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+_SINCE = re.compile(r"^\s*(\d{1,6})\s*([hdw])\s*$")
+"""A period back from now: at most 6 digits (999,999 weeks), so a query string cannot ask for
+an integer Python refuses to read (over 4,300 digits)."""
 _UNITS = {"h": 3600, "d": DAY, "w": 7 * DAY}
 
 
@@ -150,15 +152,16 @@ def parse_since(
         return None
     if isinstance(since, datetime):
         return (since if since.tzinfo else since.replace(tzinfo=timezone.utc)).timestamp()
-    if isinstance(since, timedelta):
-        return now - since.total_seconds()
+    if isinstance(since, timedelta):  # past 1970: everything the ledger holds (it starts later)
+        return max(0.0, now - since.total_seconds())
     match = _SINCE.match(since) if isinstance(since, str) else None
     if match is None:
+        shown = repr(since) if len(repr(since)) <= 40 else repr(since)[:37] + "..."
         raise InvalidInputError(
-            f"since={since!r} is not a period: give a number and a unit, e.g. '24h', '7d' "
-            "or '2w' (or a datetime / timedelta from Python)"
+            f"since={shown} is not a period: give a number of at most 6 digits and a unit, "
+            "e.g. '24h', '7d' or '2w' (or a datetime / timedelta from Python)"
         )
-    return now - int(match.group(1)) * _UNITS[match.group(2)]
+    return max(0.0, now - int(match.group(1)) * _UNITS[match.group(2)])
 
 
 def build_report(
