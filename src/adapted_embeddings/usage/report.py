@@ -190,8 +190,10 @@ def build_report(
     unpriced = sorted({model_of(s) for s in spaces} - used.keys())
 
     def group(key: Callable[[UsageRow], str]) -> list[UsageFigures]:
-        keys = sorted({key(r) for r in rows})
-        return [_figures(k, [r for r in rows if key(r) == k], table) for k in keys]
+        grouped: dict[str, list[UsageRow]] = {}
+        for r in rows:  # one pass: the hourly groups of a long ledger are thousands
+            grouped.setdefault(key(r), []).append(r)
+        return [_figures(k, grouped[k], table) for k in sorted(grouped)]
 
     daily = group(lambda r: _day(r.start))
     return UsageReport(
