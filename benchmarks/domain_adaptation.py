@@ -232,6 +232,10 @@ def run_scenario(
                     round(predicted.fidelity_high, 4),
                 ],
                 "predicted_routed": round(predicted.fallback_rate, 4),
+                "predicted_routed_interval": [
+                    round(predicted.fallback_rate_low, 4),
+                    round(predicted.fallback_rate_high, 4),
+                ],
                 "measured_fidelity": round(measured.fidelity, 4),
                 "measured_interval": [round(measured.low, 4), round(measured.high, 4)],
                 "measured_routed": round(measured.routed, 4),
@@ -276,7 +280,8 @@ def print_row(row: dict[str, Any]) -> None:
         print(
             f"    target {goal}: threshold {t['threshold']:.3f}; predicted "
             f"{t['predicted_fidelity']:.3f} {t['predicted_interval']} at "
-            f"{t['predicted_routed']:.0%} routed; measured {t['measured_fidelity']:.3f} "
+            f"{t['predicted_routed']:.0%} {t['predicted_routed_interval']} routed; "
+            f"measured {t['measured_fidelity']:.3f} "
             f"{t['measured_interval']} at {t['measured_routed']:.0%} routed",
             flush=True,
         )
