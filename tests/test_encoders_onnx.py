@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -135,6 +136,29 @@ def test_a_cached_graph_runs_without_torch_in_a_private_directory(
     in_process = onnx_minilm.encode(["a cached graph needs no torch"])[0]
     np.testing.assert_allclose(state["vector"], in_process, atol=1e-6)
     assert state["counts"] == onnx_minilm.token_counts(["a cached graph needs no torch"]).tolist()
+
+
+def test_a_new_export_removes_the_graphs_it_superseded_a_day_on(tmp_path: Path) -> None:
+    def graph(name: str, age_seconds: float) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"graph")
+        stamp = time.time() - age_seconds
+        os.utime(path, (stamp, stamp))
+        return path
+
+    day = onnx_encoder.SUPERSEDED_AFTER
+    current = graph("all-minilm-l6-v2-" + "a" * 16 + ".onnx", 0)
+    superseded = graph("all-minilm-l6-v2-" + "b" * 16 + ".onnx", day + 60)
+    in_use = graph("all-minilm-l6-v2-" + "c" * 16 + ".onnx", 60)  # another version, today
+    others = [
+        graph("all-minilm-l6-v2-large-" + "d" * 16 + ".onnx", day + 60),  # another model
+        graph("e5-small-" + "e" * 16 + ".onnx", day + 60),
+        graph("all-minilm-l6-v2-notes.onnx", day + 60),  # not a graph of ours
+        graph(".export-123.onnx", day + 60),  # an export under way elsewhere
+    ]
+    assert onnx_encoder.remove_superseded_graphs(current) == [superseded]
+    assert not superseded.exists()
+    assert current.exists() and in_use.exists() and all(p.exists() for p in others)
 
 
 @pytest.mark.slow

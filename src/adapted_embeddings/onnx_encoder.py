@@ -28,6 +28,7 @@ import re
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,6 +67,8 @@ _INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 _QKV = ("query", "key", "value")
 _FUSED_OPS = {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}
 """ONNX Runtime's contrib operators (domain ``com.microsoft``) the graph is built from."""
+SUPERSEDED_AFTER = 86_400.0
+"""Seconds after its export that a graph of other weights under the same name may be deleted."""
 WEIGHTS_FILE = "model.safetensors"
 _KEY_FILES = (WEIGHTS_FILE, "config.json", "modules.json", "1_Pooling/config.json")
 """The files the graph is built from; their bytes are hashed into the cache key."""
@@ -419,7 +422,35 @@ def cached_graph(location: Path, path: Path, key: str) -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+    remove_superseded_graphs(path)
     return path
+
+
+def remove_superseded_graphs(path: Path, *, older_than: float = SUPERSEDED_AFTER) -> list[Path]:
+    """Delete the cached graphs of the same model name but other weights (or export format).
+
+    A new version of the model package, or of the exporter, makes a new graph (~90 MB for
+    MiniLM) and leaves the old one behind. Only graphs exported more than ``older_than``
+    seconds ago go, so two versions in use at once are not exported again and again, and a
+    process starting on the other version does not lose its graph while it loads it.
+
+    Returns:
+        The graphs deleted.
+
+    """
+    stem = path.name[: -len("-0123456789abcdef.onnx")]
+    pattern = re.compile(re.escape(stem) + r"-[0-9a-f]{16}\.onnx")
+    cutoff = time.time() - older_than
+    removed = []
+    for other in path.parent.glob(f"{stem}-*.onnx"):
+        if other == path or not pattern.fullmatch(other.name):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if other.stat().st_mtime < cutoff:
+                other.unlink()
+                removed.append(other)
+                logger.info("removed %s: superseded by %s", other.name, path.name)
+    return removed
 
 
 def _private_directory(directory: Path) -> Path:
