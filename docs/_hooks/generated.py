@@ -663,6 +663,39 @@ def domain_adaptation_table() -> str:
     return table(header, rows)
 
 
+def domain_adaptation_intervals_table() -> str:
+    """Each fidelity target adapt() was asked for: predicted and measured, with intervals."""
+    rows = []
+    for scenario in results("domain_adaptation")["scenarios"]:
+        for target, found in scenario["fidelity"]["targets"].items():
+            low, high = found.get("predicted_routed_interval", [None, None])
+            fidelity = found["predicted_interval"]
+            measured = found["measured_interval"]
+            overlap = measured[0] <= fidelity[1] and measured[1] >= fidelity[0]
+            routed = "–" if low is None else f"{low:.0%}-{high:.0%}"
+            rows.append(
+                [
+                    scenario["scenario"],
+                    target,
+                    f"{found['predicted_fidelity']:.3f} [{fidelity[0]:.3f}, {fidelity[1]:.3f}]",
+                    f"{found['measured_fidelity']:.3f} [{measured[0]:.3f}, {measured[1]:.3f}]",
+                    "yes" if overlap else "**no**",
+                    f"{found['predicted_routed']:.0%} ({routed})",
+                    f"{found['measured_routed']:.0%}",
+                ]
+            )
+    header = [
+        "scenario",
+        "target",
+        "predicted fidelity",
+        "measured fidelity",
+        "intervals overlap",
+        "predicted routed (95%)",
+        "measured routed",
+    ]
+    return table(header, rows)
+
+
 def adapter_quality_table() -> str:
     """Category P@10 as a share of native ada-002, by query form, and confidence AUROC."""
     current = results("adapter_quality")["systems"]
@@ -768,4 +801,5 @@ BENCHMARK_TABLES: dict[str, Callable[[], str]] = {
     "soak-memory": soak_memory_table,
     "pgvector": pgvector_tables,
     "domain-adaptation": domain_adaptation_table,
+    "domain-adaptation-intervals": domain_adaptation_intervals_table,
 }
