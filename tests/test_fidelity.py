@@ -175,6 +175,52 @@ def assert_predicted_within_intervals(
     assert measured.low <= predicted.fidelity_high and measured.high >= predicted.fidelity_low
 
 
+@pytest.mark.slow
+def test_call_rates_are_counted_on_the_whole_traffic_when_unpaid_texts_are_kept(
+    jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
+) -> None:
+    _, source, native = jeopardy
+    traffic, unseen = slice(0, 400), slice(400, PAIRS)
+    _, confidence = parent.translate(source[traffic])
+    routed = confidence < np.quantile(confidence, 0.4)
+    # As the gate makes them: every routed text is a pair, of the confident ones the audits
+    # (1 in 4 for the first 40, then 1 in 50), and the rest are served unpaid.
+    confident = np.flatnonzero(~routed)
+    audited = np.concatenate([confident[:160:4], confident[160::50]])
+    unpaid = np.setdiff1d(confident, audited)
+    store = PairStore(tmp_path)
+    store.add(
+        [
+            PairRecord(
+                f"text {i}",
+                source[i],
+                native[i],
+                "document",
+                parent.id,
+                "fallback" if routed[i] else "audit",
+            )
+            for i in sorted([*np.flatnonzero(routed), *audited])
+        ],
+        source=parent.source,
+        target=parent.target,
+    )
+    store.add_local_sources(source[unpaid], source=parent.source, target=parent.target)
+    report = run_adapt(store, parent, parent, save=False)
+    assert report.before is not None
+    # The parent's call rate at its threshold is the traffic's, counted text by text.
+    truth = float(np.mean(confidence < report.before.threshold))
+    assert report.before.fallback_rate == pytest.approx(truth)
+    # A new adapter's, predicted from its held-out quarter and the unpaid texts, holds on
+    # texts it never saw.
+    report = run_adapt(store, None, parent, save=False)
+    assert report.after is not None and report.adapter is not None
+    _, fresh = report.adapter.translate(source[unseen])
+    measured = float(np.mean(fresh < report.after.threshold))
+    low, high = wilson_interval(measured * len(fresh), len(fresh))
+    print(report.before, report.after, truth, measured)
+    assert low <= report.after.fallback_rate_high and high >= report.after.fallback_rate_low
+
+
 def cold_start_from_250(
     jeopardy: tuple[list[str], np.ndarray, np.ndarray],
     parent: Adapter,
@@ -204,11 +250,11 @@ def test_cold_start_serves_part_of_the_traffic_locally_from_250_paid_texts(
     report, measured = cold_start_from_250(jeopardy, parent, tmp_path, fidelity_target=0.9)
     assert report.adapter.flavor == "linear"
     assert report.adapter.manifest.architecture.memory_rows > 0
-    # A good part of the traffic stays local (measured: 38%, predicted 39%) ...
+    # A good part of the traffic stays local (measured: 39%, predicted 36%) ...
     assert measured.routed < 0.8, measured
     assert abs(measured.routed - report.after.fallback_rate) < 0.15, (measured, report.after)
     assert_predicted_within_intervals(report.after, measured, PAIRS - 250)
-    # ... at the target, on texts adapt() never saw (measured 0.909 [0.874, 0.934]).
+    # ... at the target, on texts adapt() never saw (measured 0.900 [0.864, 0.927]).
     assert measured.high >= 0.9, measured
 
 
@@ -217,7 +263,7 @@ def test_a_cold_start_asked_for_099_keeps_some_texts_local_at_097_of_native(
     jeopardy: tuple[list[str], np.ndarray, np.ndarray], parent: Adapter, tmp_path: Path
 ) -> None:
     _, measured = cold_start_from_250(jeopardy, parent, tmp_path, fidelity_target=0.99)
-    # Part of the traffic is served locally from 250 paid texts (measured: 6% of the 350
+    # Part of the traffic is served locally from 250 paid texts (measured: 5% of the 350
     # unseen texts), and what is returned keeps >= 97% of native (measured 0.991).
     assert measured.routed < 1.0, measured
     assert measured.fidelity >= 0.97, measured

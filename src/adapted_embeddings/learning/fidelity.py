@@ -123,6 +123,32 @@ def index_weights(traffic: np.ndarray, index_size: int | None) -> np.ndarray:
     return traffic * (index_size / float(traffic.sum()))
 
 
+def traffic_call_rate(
+    paid: np.ndarray, paid_weight: float, unpaid: np.ndarray, threshold: float
+) -> tuple[float, float, float]:
+    """The share of the traffic a threshold routes, with its 95% interval.
+
+    The traffic is the texts the provider embedded (the pairs; ``paid``: their confidence,
+    each standing for ``paid_weight`` texts, e.g. a held-out fold for every fold) and the
+    texts kept local unpaid (``unpaid``: their confidence, one text each). No native vector
+    is needed to count what a threshold routes, so this counts every text kept local, where
+    the pairs alone know them only through the audits' weights.
+
+    Returns:
+        ``(rate, low, high)``.
+
+    """
+    weights = np.concatenate([np.full(len(paid), float(paid_weight)), np.ones(len(unpaid))])
+    routed = np.concatenate([np.asarray(paid) < threshold, np.asarray(unpaid) < threshold])
+    total = float(weights.sum())
+    if not total:
+        return 0.0, 0.0, 1.0
+    rate = float(weights[routed].sum()) / total
+    effective = total**2 / float((weights**2).sum())
+    low, high = wilson_interval(rate * effective, effective)
+    return rate, low, high
+
+
 def wilson_interval(hits: float, n: float) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (0, 1 when ``n`` is 0).
 
@@ -261,6 +287,7 @@ __all__ = [
     "index_weights",
     "neighbour_hits",
     "routing_threshold",
+    "traffic_call_rate",
     "traffic_weights",
     "wilson_interval",
 ]

@@ -152,8 +152,24 @@ class DomainLearner:
         self._fidelity_key, self._fidelity = key, result
         return result
 
-    def record(self, adapter: Adapter | None, pairs: Sequence[PairRecord]) -> None:
-        """Keep the pairs (if learning) and feed the audits to the guard."""
+    def record(
+        self,
+        adapter: Adapter | None,
+        pairs: Sequence[PairRecord],
+        local_sources: np.ndarray | None = None,
+    ) -> None:
+        """Keep the pairs (if learning) and feed the audits to the guard.
+
+        ``local_sources``: the source vectors of the texts served locally and not audited
+        (kept too, so ``adapt()`` counts call rates on the whole traffic).
+        """
+        if self.learning and local_sources is not None and len(local_sources):
+            assert self.store is not None
+            try:
+                self.store.add_local_sources(local_sources, source=self.source, target=self.target)
+            except PairStoreError as exc:
+                self._report_store_failure(exc)
+                return
         if not pairs:
             return
         if adapter is not None:

@@ -63,7 +63,18 @@ CREATE TABLE IF NOT EXISTS pairs (
 );
 CREATE INDEX IF NOT EXISTS pairs_by_space ON pairs (source_space, target_space, id);
 CREATE INDEX IF NOT EXISTS audits_by_adapter ON pairs (adapter_id, kind, id);
+CREATE TABLE IF NOT EXISTS local_sources (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    source_space TEXT NOT NULL,
+    target_space TEXT NOT NULL,
+    created REAL NOT NULL,
+    source BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS local_sources_by_space
+    ON local_sources (source_space, target_space, id);
 """
+MAX_LOCAL_SOURCES = 10_000
+"""The newest unpaid local texts' source vectors kept per (source, target) (~15 MB at 384)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,8 @@ class PairStoreStats:
     pairs: int
     by_kind: dict[str, int]
     newest: float | None
+    local_sources: int = 0
+    """Unpaid local texts whose source vectors are kept (:meth:`PairStore.add_local_sources`)."""
 
 
 class PairStore:
@@ -170,16 +183,55 @@ class PairStore:
             self._evict(connection, source, target)
         return len(rows)
 
+    def add_local_sources(
+        self, vectors: np.ndarray, *, source: EmbeddingSpace, target: EmbeddingSpace
+    ) -> int:
+        """Keep the source vectors of texts served locally without a provider call.
+
+        The pairs are not the traffic: every routed text is a pair, but of the texts kept
+        local only the audits are. These vectors (no text, no provider vector: nothing was
+        paid for them) complete the picture, so ``adapt()`` can count the share of the
+        traffic a threshold routes instead of inferring it from the audits' weights. The
+        newest :data:`MAX_LOCAL_SOURCES` per (source, target) are kept.
+
+        Returns:
+            How many were written (rows of the wrong width or not finite are skipped).
+
+        """
+        array = np.asarray(vectors, dtype="<f4")
+        if array.ndim != 2 or array.shape[1] != source.dimensions or not len(array):
+            return 0
+        rows = [
+            (source.id, target.id, time.time(), row.tobytes())
+            for row in np.ascontiguousarray(array)
+            if np.isfinite(row).all()
+        ]
+        with self._transaction() as connection:
+            connection.executemany(
+                "INSERT INTO local_sources (source_space, target_space, created, source) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            connection.execute(
+                "DELETE FROM local_sources WHERE source_space = ? AND target_space = ? AND id <= "
+                "(SELECT id FROM local_sources WHERE source_space = ? AND target_space = ? "
+                "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (source.id, target.id, source.id, target.id, MAX_LOCAL_SOURCES),
+            )
+        return len(rows)
+
     def clear(
         self, *, source: EmbeddingSpace | None = None, target: EmbeddingSpace | None = None
     ) -> int:
         """Delete pairs (those of one source/target, or all); returns how many were deleted.
 
-        A damaged store file is moved aside (kept for inspection) and a new one created.
+        The unpaid local texts' source vectors go with them. A damaged store file is moved
+        aside (kept for inspection) and a new one created.
         """
         try:
             with self._transaction() as connection:
                 where, arguments = _space_filter(source, target)
+                connection.execute(f"DELETE FROM local_sources{where}", arguments)
                 cursor = connection.execute(f"DELETE FROM pairs{where}", arguments)
                 return int(cursor.rowcount)
         except PairStoreError:
@@ -230,6 +282,26 @@ class PairStore:
         pairs, _ = self._scan(source, target, raise_on_bad=True, after_id=after_id)
         return pairs
 
+    def local_sources(
+        self, *, source: EmbeddingSpace, target: EmbeddingSpace
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The kept source vectors of unpaid local texts, oldest first, and when each came.
+
+        Returns:
+            ``(vectors, created)``: ``(m, d)`` float32 and ``(m,)`` Unix times.
+
+        """
+        rows = self._query_all(
+            "SELECT created, source FROM local_sources WHERE source_space = ? AND "
+            "target_space = ? ORDER BY id",
+            (source.id, target.id),
+        )
+        width = 4 * source.dimensions
+        kept = [(float(c), b) for c, b in rows if isinstance(b, bytes) and len(b) == width]
+        vectors = _stack([np.frombuffer(b, dtype="<f4") for _, b in kept], source.dimensions)
+        finite = np.isfinite(vectors).all(axis=1)
+        return vectors[finite], np.array([c for c, _ in kept])[finite]
+
     def count(self, *, source: EmbeddingSpace, target: EmbeddingSpace, after_id: int = 0) -> int:
         """How many pairs are stored for (source, target) with ``id > after_id``."""
         row = self._query_one(
@@ -261,8 +333,18 @@ class PairStore:
         )
         by_kind = {str(kind): int(count) for kind, count, _ in rows}
         newest = max((float(t) for _, _, t in rows if t is not None), default=None)
+        local = self._query_one(
+            "SELECT COUNT(*) FROM local_sources WHERE source_space = ? AND target_space = ?",
+            (source.id, target.id),
+        )
         return PairStoreStats(
-            str(self.path), source.id, target.id, sum(by_kind.values()), by_kind, newest
+            str(self.path),
+            source.id,
+            target.id,
+            sum(by_kind.values()),
+            by_kind,
+            newest,
+            int(local[0]) if local else 0,
         )
 
     def claim_fleet_adaptation(self) -> bool:

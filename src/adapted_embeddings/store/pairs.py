@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
 
 from adapted_embeddings.learning.pairs import (
@@ -96,6 +97,22 @@ class SharedPairStore(PairStore):
         """Pair counts by kind, the fleet's included (see PairStore.stats)."""
         self.sync(pull_now=True)
         return super().stats(source=source, target=target)
+
+    def add_local_sources(
+        self, vectors: np.ndarray, *, source: EmbeddingSpace, target: EmbeddingSpace
+    ) -> int:
+        """Nothing: a node's unpaid texts are not the fleet's (see :meth:`local_sources`)."""
+        return 0
+
+    def local_sources(
+        self, *, source: EmbeddingSpace, target: EmbeddingSpace
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """None: the pairs are the fleet's, and one node's unpaid texts would not match them.
+
+        ``adapt()`` then estimates the call rate from the pairs alone (audits weighted by
+        the local texts they stand for), as a node's own store does before it has any.
+        """
+        return np.zeros((0, source.dimensions), dtype=np.float32), np.zeros(0)
 
     def audits(self, adapter_id: str, *, limit: int) -> list[AuditRecord]:
         """The newest audits of ``adapter_id`` from every node (see PairStore.audits)."""
