@@ -690,6 +690,37 @@ def test_evaluate_fetches_missing_targets_from_the_provider(
     assert json.loads(result.stdout)["pairs"] == 40
 
 
+def test_pairs_stats_counts_pairs_by_kind_and_the_unpaid_local_texts(
+    runner: CliRunner, cache_dir: Path, ada_adapter: RegistryEntry
+) -> None:
+    from adapted_embeddings.learning.pairs import PairKind, PairRecord, PairStore
+
+    source, target = ada_adapter.manifest.source, ada_adapter.manifest.target
+    rng = np.random.default_rng(0)
+    store = PairStore(cache_dir)
+    kinds: list[PairKind] = ["fallback", "fallback", "audit"]
+    store.add(
+        [
+            PairRecord(f"t{i}", rng.random(384), rng.random(1536), "document", "a:1", kind)
+            for i, kind in enumerate(kinds)
+        ],
+        source=source,
+        target=target,
+    )
+    store.add_local_sources(rng.random((7, 384)), source=source, target=target)
+    data = json.loads(invoke(runner, ["pairs", "stats", "--json"]).stdout)
+    assert (data["pairs"], data["by_kind"], data["local_sources"]) == (
+        3,
+        {"audit": 1, "fallback": 2},
+        7,
+    )
+    text = invoke(runner, ["pairs", "stats"]).stdout
+    assert "3 pairs for" in text and "(1 audit, 2 fallback)" in text
+    assert "7 texts served locally unpaid" in text
+    assert invoke(runner, ["pairs", "clear", "--yes"]).exit_code == 0
+    assert json.loads(invoke(runner, ["pairs", "stats", "--json"]).stdout)["local_sources"] == 0
+
+
 def test_adapter_for_another_source_model_is_a_usage_error(
     runner: CliRunner, cache_dir: Path
 ) -> None:

@@ -117,7 +117,10 @@ def pairs_stats_command(
     cache_dir: CacheDirOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """How many pairs are stored for the configured (source, target), by kind."""
+    """How many pairs are stored for the configured (source, target), by kind.
+
+    And how many texts served locally unpaid are kept (their source vectors only).
+    """
     from adapted_embeddings.learning.pairs import PairStore
 
     space_source, space_target, directory = _spaces(target, cache_dir)
@@ -129,12 +132,14 @@ def pairs_stats_command(
         "pairs": stats.pairs,
         "by_kind": stats.by_kind,
         "newest": stats.newest,
+        "local_sources": stats.local_sources,
     }
     if as_json:
         print_json(data)
         return
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(stats.by_kind.items())) or "none"
     typer.echo(f"{stats.pairs} pairs for {stats.source_space} -> {stats.target_space} ({kinds})")
+    typer.echo(f"{stats.local_sources} texts served locally unpaid (source vectors only)")
     typer.echo(f"store: {stats.path}")
 
 
