@@ -134,11 +134,12 @@ class HeldOutQuality:
     fidelity_high: float
     """Upper end of the 95% interval of ``fidelity``."""
     fallback_rate: float
-    """Share of the judged texts the threshold sends to the provider."""
+    """Share of the traffic the threshold sends to the provider: counted on the pairs and
+    the unpaid local texts where the store keeps them, else on the weighted pairs."""
     fallback_rate_low: float
     """Lower end of the 95% interval of the share new traffic will route at ``threshold``."""
     fallback_rate_high: float
-    """Upper end of that interval (equal to ``fallback_rate`` for a fixed threshold)."""
+    """Upper end of that interval."""
     threshold: float
     """The lowest threshold meeting the fidelity target (1.0: no local route meets it)."""
     neighbour_agreement_at_10: float
