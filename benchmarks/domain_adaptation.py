@@ -179,8 +179,11 @@ def run_scenario(
         curve_after = fidelity_rows(embeddings, texts, native)
         # The same fit without the memory of the pairs, judged on the same unseen texts.
         without_memory = None
+        plain = None
         if report is not None and report.switched:
+            # None when adapt() judges the fit without memory no better than the parent.
             plain = refit(embeddings, parent, trusted, TARGETS[0], memory=False).adapter
+        if plain is not None:
             translated, plain_confidence = plain.translate(
                 embeddings.pipeline.encoder.encode(second)
             )
