@@ -211,13 +211,13 @@ def test_call_rates_are_counted_on_the_whole_traffic_when_unpaid_texts_are_kept(
     truth = float(np.mean(confidence < report.before.threshold))
     assert report.before.fallback_rate == pytest.approx(truth)
     # A new adapter's, predicted from its held-out quarter and the unpaid texts, holds on
-    # texts it never saw.
+    # texts it never saw (measured: 60% [52%, 67%] predicted, 66% routed; when the folds'
+    # blank base still saw the held-out quarter, 74% predicted and 88% routed).
     report = run_adapt(store, None, parent, save=False)
     assert report.after is not None and report.adapter is not None
     _, fresh = report.adapter.translate(source[unseen])
     measured = float(np.mean(fresh < report.after.threshold))
     low, high = wilson_interval(measured * len(fresh), len(fresh))
-    print(report.before, report.after, truth, measured)
     assert low <= report.after.fallback_rate_high and high >= report.after.fallback_rate_low
 
 
