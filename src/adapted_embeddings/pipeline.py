@@ -489,8 +489,9 @@ class EmbeddingPipeline:
                 plan.audited = set(self.learner.choose_audits(adapter, auditable))
             plan.for_provider += [u for u in confident if u in plan.audited]
             plan.fresh_local.extend(u for u in confident if u not in plan.audited)
-            # What the gate kept local unpaid: with the pairs, the whole traffic it judged.
-            plan.unpaid_local = [u for u in plan.fresh_local if not _blank(unique_texts[u])]
+            if self.learner is not None and self.learner.learning:
+                # Kept local unpaid: with the pairs, the whole traffic the gate judged.
+                plan.unpaid_local = [u for u in plan.fresh_local if not _blank(unique_texts[u])]
         for u in plan.fresh_local:
             plan.results[u] = self._result(
                 plan.local_vectors[u], plan.local_confidence[u], "local", adapter.id

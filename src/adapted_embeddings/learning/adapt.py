@@ -478,11 +478,11 @@ def _fit_and_calibrate(
     threshold = min(routing_threshold(confidence[first], weights[first], after.fallback_rate), 1.0)
     after = replace(after, threshold=threshold)
     unpaid, in_window = traffic
-    held = first & in_window
-    if len(unpaid) and held.any():
-        paid_weight = float(in_window.sum()) / float(held.sum())
+    calibration = first & in_window
+    if len(unpaid) and calibration.any():
+        paid_weight = float(in_window.sum()) / float(calibration.sum())
         after = _counted_on_traffic(
-            after, confidence[held], paid_weight, models[0].translate(unpaid)[1]
+            after, confidence[calibration], paid_weight, models[0].translate(unpaid)[1]
         )
     return models[0], after, floor
 
